@@ -1,0 +1,5 @@
+import sys
+
+from kvrelay.cli import main
+
+sys.exit(main())
