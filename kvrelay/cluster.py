@@ -1,0 +1,190 @@
+"""A local kvrelay cluster as child processes: redis-server, one prefill and one decode worker.
+
+Everything listens on 127.0.0.1. ``LocalCluster`` starts redis-server (unless a URL is
+given; with ``maxmemory`` and ``allkeys-lru``), then both workers, waits until each one's
+health service reports SERVING, and stops them all (SIGTERM, then SIGKILL after a grace
+period) in reverse order. Worker logs go to files in ``log_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvrelay.healthcheck import is_serving
+
+Progress = Callable[[str], None]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """What to start. Ports of 0 are picked free at start."""
+
+    model: str
+    decode_port: int = 50051
+    prefill_port: int = 0
+    redis_url: str | None = None
+    redis_maxmemory: str = "512mb"
+    block_size: int = 16
+    ready_timeout_s: float = 300.0
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where each part of a running cluster listens."""
+
+    redis_url: str
+    prefill: str
+    prefill_metrics: str
+    decode: str
+    decode_metrics: str
+
+
+def redis_command(port: int, maxmemory: str) -> list[str]:
+    """A throwaway cache redis-server: loopback only, no persistence, LRU eviction."""
+    return ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--maxmemory", maxmemory, "--maxmemory-policy", "allkeys-lru"]
+
+
+def worker_command(role: str, *, model: str, port: int, metrics_port: int, redis_url: str,
+                   block_size: int, prefill_addr: str | None = None) -> list[str]:
+    """The ``kvrelay prefill|decode`` command line of one worker."""
+    cmd = [sys.executable, "-m", "kvrelay", role, "--model", model, "--host", "127.0.0.1",
+           "--port", str(port), "--metrics-port", str(metrics_port), "--redis-url", redis_url,
+           "--block-size", str(block_size)]
+    return cmd + (["--prefill-addr", prefill_addr] if prefill_addr else [])
+
+
+def wait_for_redis(port: int, timeout_s: float) -> None:
+    """Until redis-server on ``port`` answers PING."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"redis-server on port {port} did not answer within {timeout_s:.0f}s")
+
+
+def wait_until_serving(name: str, proc: subprocess.Popen[bytes], addr: str, timeout_s: float,
+                       progress: Progress, log_path: Path | None = None) -> None:
+    """Until the worker at ``addr`` reports SERVING; raise if it exits or times out."""
+    start = time.monotonic()
+    last_note = start
+    while not is_serving(addr, timeout_s=1.0):
+        if proc.poll() is not None:
+            tail = log_path.read_text()[-2000:] if log_path and log_path.exists() else ""
+            raise RuntimeError(f"{name} exited with status {proc.returncode}\n{tail}")
+        now = time.monotonic()
+        if now - start > timeout_s:
+            raise TimeoutError(f"{name} not serving after {timeout_s:.0f}s")
+        if now - last_note >= 5:
+            progress(f"  {name}: loading the model ... {now - start:.0f}s")
+            last_note = now
+        time.sleep(0.2)
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it is still running after ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+class LocalCluster:
+    """redis-server + prefill + decode as child processes of this one."""
+
+    def __init__(self, spec: ClusterSpec, log_dir: Path | None = None,
+                 progress: Progress = print) -> None:
+        self.spec = spec
+        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="kvrelay-cluster-"))
+        self._progress = progress
+        self._procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.endpoints: Endpoints | None = None
+
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
+        env = {**os.environ, **self.spec.extra_env}
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        self._procs.append((name, proc))
+        return proc
+
+    def _start_redis(self) -> str:
+        if self.spec.redis_url:
+            return self.spec.redis_url
+        if not shutil.which("redis-server"):
+            raise RuntimeError("redis-server is not installed (bash scripts/setup.sh installs it)")
+        port = free_port()
+        self._spawn("redis", redis_command(port, self.spec.redis_maxmemory))
+        wait_for_redis(port, 10.0)
+        return f"redis://127.0.0.1:{port}/0"
+
+    def start(self) -> Endpoints:
+        """Start everything; return where it listens once every worker is SERVING."""
+        spec = self.spec
+        redis_url = self._start_redis()
+        prefill_port = spec.prefill_port or free_port()
+        decode_port = spec.decode_port or free_port()
+        metrics = (free_port(), free_port())
+        prefill_addr = f"127.0.0.1:{prefill_port}"
+        decode_addr = f"127.0.0.1:{decode_port}"
+        common = dict(model=spec.model, redis_url=redis_url, block_size=spec.block_size)
+        prefill = self._spawn("prefill", worker_command(
+            "prefill", port=prefill_port, metrics_port=metrics[0], **common))
+        decode = self._spawn("decode", worker_command(
+            "decode", port=decode_port, metrics_port=metrics[1], prefill_addr=prefill_addr, **common))
+        self._progress(f"starting workers (model {spec.model}); logs in {self.log_dir}")
+        for name, proc, addr in (("prefill", prefill, prefill_addr), ("decode", decode, decode_addr)):
+            wait_until_serving(name, proc, addr, spec.ready_timeout_s, self._progress,
+                               self.log_dir / f"{name}.log")
+        self.endpoints = Endpoints(redis_url, prefill_addr, f"http://127.0.0.1:{metrics[0]}/metrics",
+                                   decode_addr, f"http://127.0.0.1:{metrics[1]}/metrics")
+        return self.endpoints
+
+    def running(self) -> bool:
+        """Whether every child is still alive."""
+        return all(proc.poll() is None for _, proc in self._procs)
+
+    def stop(self) -> None:
+        """Stop the workers, then redis-server."""
+        for _, proc in reversed(self._procs):
+            stop_process(proc)
+        self._procs.clear()
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
