@@ -90,6 +90,7 @@ class ModelConfig:
 
         num_heads = int(need("num_attention_heads"))
         hidden = int(need("hidden_size"))
+        rope = cfg.get("rope_parameters") or {}  # transformers 5 writes rope settings here
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return cls(
@@ -103,8 +104,8 @@ class ModelConfig:
             head_dim=int(cfg.get("head_dim") or hidden // num_heads),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_theta=float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0))),
+            rope_scaling=cfg.get("rope_scaling") or _scaling_of(rope),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", family["attention_bias"])),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
@@ -117,3 +118,9 @@ class ModelConfig:
     def canonical_json(self) -> str:
         """Deterministic JSON of every field (sorted keys, no whitespace): fingerprint input."""
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+
+def _scaling_of(rope_parameters: dict[str, Any]) -> dict[str, Any] | None:
+    """The rope scaling part of a ``rope_parameters`` dict; None for plain rope."""
+    scaling = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
+    return scaling if scaling.get("rope_type", "default") != "default" else None

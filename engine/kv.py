@@ -1,0 +1,105 @@
+"""Paged KV memory: block bookkeeping (plain Python) and the tensor pool that holds K/V.
+
+A *block* holds the K and V of ``block_size`` consecutive tokens for every layer. The pool
+tensor is laid out ``(num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim)`` so
+that one block is one contiguous slice: exporting it is a view (on CPU ``.numpy()`` exposes
+the bytes without a copy) and importing it is a single copy from a bytes-like object.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import torch
+
+
+class OutOfBlocks(RuntimeError):
+    """The pool has fewer free blocks than a request needs."""
+
+
+class BlockAllocator:
+    """Reference-counted block ids; a block shared by several sequences is held once.
+
+    ``allocate(n)`` hands out ``n`` free ids with a count of one, ``incref`` adds a holder,
+    ``free`` drops one holder per id and returns an id to the free list when none remain.
+    """
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks <= 0:
+            raise ValueError("num_blocks must be positive")
+        self.num_blocks = num_blocks
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._refs: list[int] = [0] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def ref_count(self, block: int) -> int:
+        return self._refs[block]
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfBlocks(f"need {n} blocks, {len(self._free)} free")
+        blocks = [self._free.pop() for _ in range(n)]
+        for b in blocks:
+            self._refs[b] = 1
+        return blocks
+
+    def incref(self, blocks: Iterable[int]) -> None:
+        for b in blocks:
+            if self._refs[b] <= 0:
+                raise ValueError(f"block {b} is not allocated")
+            self._refs[b] += 1
+
+    def free(self, blocks: Iterable[int]) -> None:
+        for b in blocks:
+            if self._refs[b] <= 0:
+                raise ValueError(f"block {b} is already free")
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                self._free.append(b)
+
+
+class KVPool:
+    """The K/V tensor of every block: ``(num_blocks, num_layers, 2, block_size, kv_heads, head_dim)``."""
+
+    def __init__(self, num_blocks: int, num_layers: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, *, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        self.block_size = block_size
+        self.tensor = torch.zeros(num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim,
+                                  dtype=dtype, device=device)
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape[1:])
+
+    @property
+    def block_nbytes(self) -> int:
+        return self.tensor[0].numel() * self.tensor.element_size()
+
+    def layer(self, i: int) -> torch.Tensor:
+        """Layer ``i`` of every block: ``(num_blocks, 2, block_size, kv_heads, head_dim)`` (a view)."""
+        return self.tensor[:, i]
+
+    def export_block(self, block: int) -> torch.Tensor:
+        """One block's K/V for all layers, ``(L, 2, bs, kvh, hd)``: a contiguous view, no copy."""
+        return self.tensor[block]
+
+    def import_block(self, block: int, payload: object) -> None:
+        """Copy one block's K/V in from a tensor or any bytes-like object (one copy)."""
+        src = payload if isinstance(payload, torch.Tensor) else _tensor_from_buffer(
+            payload, self.tensor.dtype)
+        if src.numel() * src.element_size() != self.block_nbytes or src.dtype != self.tensor.dtype:
+            raise ValueError(
+                f"block payload is {src.numel() * src.element_size()} bytes of {src.dtype}, "
+                f"expected {self.block_nbytes} bytes of {self.tensor.dtype}")
+        self.tensor[block].copy_(src.reshape(self.block_shape))
+
+
+def _tensor_from_buffer(payload: object, dtype: torch.dtype) -> torch.Tensor:
+    """A read-only view of ``payload`` as a flat tensor; the caller only reads from it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(payload, dtype=dtype)  # type: ignore[arg-type]

@@ -1,0 +1,189 @@
+"""Llama-family causal LM in plain torch (Llama 2/3, Mistral, Qwen2), HF parameter names.
+
+An HF state dict loads with ``load_state_dict`` as it is. ``fuse_()`` (called by the
+runner once weights are loaded and placed) concatenates q/k/v and gate/up into single
+matrices and re-points the HF-named parameters at slices of them, so the forward runs two
+matmuls fewer per layer while ``state_dict``/``load_state_dict`` keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention import AttentionMetadata, paged_attention
+from engine.config import ModelConfig
+from engine.rope import apply_rope
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (B, T, 1, hd) each
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 like the reference implementation."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def _fuse(owner: nn.Module, name: str, parts: list[nn.Linear], attr: str) -> None:
+    """Register cat(parts.<attr>) on ``owner`` as ``name`` and make each part a view of it."""
+    tensors = [getattr(p, attr) for p in parts]
+    if tensors[0] is None:
+        owner.register_buffer(name, None, persistent=False)
+        return
+    fused = torch.cat([t.detach() for t in tensors])
+    owner.register_buffer(name, fused, persistent=False)
+    start = 0
+    for part, t in zip(parts, tensors):
+        t.data = fused[start:start + t.shape[0]]
+        start += t.shape[0]
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query self-attention with rotary positions over paged KV memory."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hd, bias = config.head_dim, config.attention_bias
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, hd
+        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(config.num_heads * hd, config.hidden_size, bias=False)
+
+    def fuse_(self) -> None:
+        parts = [self.q_proj, self.k_proj, self.v_proj]
+        _fuse(self, "qkv_weight", parts, "weight")
+        _fuse(self, "qkv_bias", parts, "bias")
+
+    def forward(self, x: torch.Tensor, rope: Rope, kv_layer: torch.Tensor | None,
+                meta: AttentionMetadata) -> torch.Tensor:
+        b, t, _ = x.shape
+        h, kvh, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # (B, T, (H + 2*kvh)*hd)
+        q, k, v = qkv.split([h * hd, kvh * hd, kvh * hd], dim=-1)
+        q = apply_rope(q.view(b, t, h, hd), *rope)  # (B, T, H, hd)
+        k = apply_rope(k.view(b, t, kvh, hd), *rope)  # (B, T, kvh, hd)
+        out = paged_attention(q, k, v.view(b, t, kvh, hd), kv_layer, meta)  # (B, T, H*hd)
+        return self.o_proj(out)
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(d, i, bias=bias)
+        self.up_proj = nn.Linear(d, i, bias=bias)
+        self.down_proj = nn.Linear(i, d, bias=bias)
+
+    def fuse_(self) -> None:
+        parts = [self.gate_proj, self.up_proj]
+        _fuse(self, "gate_up_weight", parts, "weight")
+        _fuse(self, "gate_up_bias", parts, "bias")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)  # (B, T, I) x2
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm transformer block: attention then MLP, each with a residual."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: Rope, kv_layer: torch.Tensor | None,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_layer, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers and final norm (HF's ``model.`` prefix)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The causal LM: ``forward`` gives final hidden states, ``logits`` projects chosen rows."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self._register_load_state_dict_pre_hook(_fill_tied_head)
+        self.tie_weights_()
+
+    def tie_weights_(self) -> None:
+        """Share the embedding with the head when the config ties them (again after moves)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def fuse_(self) -> None:
+        """Concatenate q/k/v and gate/up weights (idempotent; call after loading and moving)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_()
+            layer.mlp.fuse_()
+
+    def forward(self, input_ids: torch.Tensor, rope: Rope, kv: torch.Tensor | None,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids (B, T) -> normed hidden states (B, T, D); ``kv`` is the pool tensor or None."""
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, rope, None if kv is None else kv[:, i], meta)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (N, D) -> logits (N, V) in float32."""
+        return self.lm_head(hidden).float()
+
+
+def _fill_tied_head(state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Tied checkpoints may omit ``lm_head.weight``: it is the embedding."""
+    embed = state_dict.get(prefix + "model.embed_tokens.weight")
+    if embed is not None:
+        state_dict.setdefault(prefix + "lm_head.weight", embed)
+
+
+# config.json architecture -> model class. The three families share one implementation;
+# their differences (qkv bias, tying, rope scaling) are all in ModelConfig.
+MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+}
+
+
+def build_model(config: ModelConfig, *, dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu") -> LlamaForCausalLM:
+    """An unfused model of ``config``'s architecture with uninitialised weights on ``device``.
+
+    Load a state dict into it, then call ``fuse_()`` (the runner does).
+    """
+    with torch.device("meta"):
+        model = MODEL_REGISTRY[config.architecture](config)
+    model = model.to(dtype).to_empty(device=device)
+    model.tie_weights_()
+    return model

@@ -1,0 +1,174 @@
+"""ModelRunner: owns the KV pool and runs batched prefill and decode forward passes.
+
+Sequences bring their token ids and block tables (``engine.sequence.Sequence``); the
+runner allocates blocks as they grow, builds one ``AttentionMetadata`` per pass and
+returns the last position's logits of every sequence. With ``use_cache=False`` no KV is
+kept: every pass recomputes each sequence from its first token (the fidelity reference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from typing import Any, Protocol
+
+import torch
+
+from engine.attention import AttentionMetadata
+from engine.config import ModelConfig
+from engine.kv import BlockAllocator, KVPool
+from engine.model import LlamaForCausalLM
+from engine.rope import RotaryTable
+
+
+class RunnerSequence(Protocol):
+    """What the runner reads and advances on a sequence (``engine.sequence.Sequence``)."""
+
+    token_ids: list[int]
+    num_computed: int
+    block_table: list[int]
+
+
+class ModelRunner:
+    """Batched forward passes over paged KV memory of ``num_blocks`` x ``block_size`` tokens.
+
+    ``loaded`` is anything with ``config`` and ``model`` attributes (``engine.loader.LoadedModel``)
+    or a ``(config, model)`` pair. The model is fused in place and run under inference mode.
+    """
+
+    def __init__(self, loaded: Any, *, num_blocks: int, block_size: int,
+                 use_cache: bool = True) -> None:
+        config, model = loaded if isinstance(loaded, tuple) else (loaded.config, loaded.model)
+        self.config: ModelConfig = config
+        self.model: LlamaForCausalLM = model.eval()
+        self.model.fuse_()
+        weight = model.model.embed_tokens.weight
+        self.dtype, self.device = weight.dtype, weight.device
+        self.block_size = block_size
+        self.use_cache = use_cache
+        self.allocator = BlockAllocator(num_blocks)
+        self.kv = KVPool(num_blocks, config.num_layers, block_size, config.num_kv_heads,
+                         config.head_dim, dtype=self.dtype, device=self.device) if use_cache else None
+        self.rope = RotaryTable(config, self.device)
+        self.scale = config.head_dim ** -0.5
+
+    # -- block bookkeeping -------------------------------------------------------------
+
+    def blocks_needed(self, seq: RunnerSequence, num_tokens: int) -> int:
+        """Blocks ``seq`` still lacks to hold ``num_tokens`` tokens (0 with the cache off)."""
+        if not self.use_cache:
+            return 0
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+
+    def reserve(self, seq: RunnerSequence, num_tokens: int) -> None:
+        """Grow ``seq``'s block table to hold ``num_tokens`` tokens; raises OutOfBlocks."""
+        seq.block_table.extend(self.allocator.allocate(self.blocks_needed(seq, num_tokens)))
+
+    def free(self, seq: RunnerSequence) -> None:
+        """Release ``seq``'s blocks at once; it keeps its tokens and may be prefilled again."""
+        self.allocator.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed = 0
+
+    def import_blocks(self, seq: RunnerSequence, payloads: Seq[object]) -> None:
+        """Append full blocks of K/V (bytes-like or tensors) after ``seq``'s computed prefix."""
+        pool = self._pool()
+        bs = self.block_size
+        if seq.num_computed % bs or len(seq.block_table) != seq.num_computed // bs:
+            raise ValueError("blocks can only be imported at a block boundary of the computed prefix")
+        if seq.num_computed + len(payloads) * bs > len(seq.token_ids):
+            raise ValueError("imported blocks would cover more tokens than the sequence has")
+        blocks = self.allocator.allocate(len(payloads))
+        try:
+            for block, payload in zip(blocks, payloads):
+                pool.import_block(block, payload)
+        except Exception:
+            self.allocator.free(blocks)
+            raise
+        seq.block_table.extend(blocks)
+        seq.num_computed += len(blocks) * bs
+
+    def export_block(self, seq: RunnerSequence, i: int) -> torch.Tensor:
+        """Block ``i`` of ``seq`` as a view (L, 2, bs, kvh, hd); it must be full and computed."""
+        pool = self._pool()
+        if not 0 <= i < seq.num_computed // self.block_size:
+            raise IndexError(f"block {i} of this sequence is not full and computed")
+        return pool.export_block(seq.block_table[i])
+
+    def _pool(self) -> KVPool:
+        if self.kv is None:
+            raise RuntimeError("this runner keeps no KV cache (use_cache=False)")
+        return self.kv
+
+    # -- forward passes ----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, seqs: Seq[RunnerSequence]) -> torch.Tensor:
+        """Compute ``token_ids[num_computed:]`` of each sequence on top of its held prefix.
+
+        At least the last token is always computed. Returns last-token logits (B, V) float32.
+        """
+        starts = [min(s.num_computed, len(s.token_ids) - 1) if self.use_cache else 0
+                  for s in seqs]
+        return self._run(seqs, starts)
+
+    @torch.inference_mode()
+    def decode(self, seqs: Seq[RunnerSequence]) -> torch.Tensor:
+        """One step for sequences whose only uncomputed token is the last: logits (B, V)."""
+        if any(s.num_computed != len(s.token_ids) - 1 for s in seqs if self.use_cache):
+            raise ValueError("decode needs exactly one uncomputed token per sequence")
+        starts = [len(s.token_ids) - 1 if self.use_cache else 0 for s in seqs]
+        return self._run(seqs, starts)
+
+    def _run(self, seqs: Seq[RunnerSequence], starts: list[int]) -> torch.Tensor:
+        for seq in seqs:
+            self.reserve(seq, len(seq.token_ids))
+        lens = [len(s.token_ids) - st for s, st in zip(seqs, starts)]
+        width = max(lens)
+        ids = torch.tensor([s.token_ids[st:] + [0] * (width - n)
+                            for s, st, n in zip(seqs, starts, lens)], device=self.device)  # (B, T)
+        starts_t = torch.tensor(starts, device=self.device)
+        positions = starts_t[:, None] + torch.arange(width, device=self.device)  # (B, T)
+        self.rope.ensure(max(starts) + width)
+        meta = self._metadata(seqs, starts, lens, width, starts_t)
+        hidden = self.model(ids, self.rope.lookup(positions, self.dtype),
+                            None if self.kv is None else self.kv.tensor, meta)  # (B, T, D)
+        last = torch.tensor(lens, device=self.device) - 1
+        logits = self.model.logits(hidden[torch.arange(len(seqs), device=self.device), last])
+        for seq in seqs:
+            seq.num_computed = len(seq.token_ids) if self.use_cache else 0
+        return logits  # (B, V)
+
+    def _metadata(self, seqs: Seq[RunnerSequence], starts: list[int], lens: list[int],
+                  width: int, starts_t: torch.Tensor) -> AttentionMetadata:
+        slot_blocks = slot_offsets = token_index = context = mask = None
+        if self.use_cache:
+            slot_blocks, slot_offsets = self._slots(seqs, starts, lens)
+            if any(n != width for n in lens):
+                token_index = torch.tensor([b * width + i for b, n in enumerate(lens)
+                                            for i in range(n)], device=self.device)
+            if any(starts):
+                context, mask = self._context(seqs, starts, lens, width, starts_t)
+        return AttentionMetadata(slot_blocks, slot_offsets, token_index, context, mask, self.scale)
+
+    def _slots(self, seqs: Seq[RunnerSequence], starts: list[int],
+               lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block and offset of every new token, (N,) each."""
+        bs = self.block_size
+        blocks, offsets = [], []
+        for seq, start, n in zip(seqs, starts, lens):
+            table = seq.block_table
+            blocks += [table[p // bs] for p in range(start, start + n)]
+            offsets += [p % bs for p in range(start, start + n)]
+        return (torch.tensor(blocks, device=self.device),
+                torch.tensor(offsets, device=self.device))
+
+    def _context(self, seqs: Seq[RunnerSequence], starts: list[int], lens: list[int],
+                 width: int, starts_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded block tables (B*nb,) and the causal mask over them (B, 1, T, nb*bs)."""
+        nb = max(-(-(st + n) // self.block_size) for st, n in zip(starts, lens))
+        tables = [s.block_table[:nb] + [0] * (nb - min(nb, len(s.block_table))) for s in seqs]
+        context = torch.tensor(tables, device=self.device).flatten()  # (B*nb,)
+        key_pos = torch.arange(nb * self.block_size, device=self.device)  # (Tk,)
+        query_pos = starts_t[:, None] + torch.arange(width, device=self.device)  # (B, T)
+        mask = key_pos[None, None, :] <= query_pos[:, :, None]  # (B, T, Tk)
+        return context, mask.unsqueeze(1)
