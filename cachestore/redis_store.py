@@ -1,0 +1,239 @@
+"""``RedisBlockStore``: the block store on Redis, Redis Cluster, TLS and ACL users.
+
+Connections come from redis-py (URL parsing, AUTH/ACL, TLS, pooling, cluster slot maps),
+but block values never go through its packer or parser: commands are framed by
+``cachestore.resp`` and written straight to the pooled connection's socket, and bulk
+replies are read straight into the caller's ``Arena`` (zero copies of a value in Python).
+Against a cluster, keys are grouped by the node that owns their slot and each group is
+one pipeline on that node.
+
+Errors never leave this class: a failed call is counted by kind (``timeout``,
+``connection``, ``auth``, ``noperm``, ``oom``, ``moved``, ...) and its keys read as
+misses. After a connection failure or timeout, calls return misses at once for
+``retry_after_s`` instead of waiting on a dead server again, then reconnect by themselves.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import redis
+from redis.cluster import RedisCluster
+from redis.exceptions import AuthenticationError, AuthorizationError, RedisClusterException
+
+from cachestore.arena import Arena
+from cachestore.resp import Reply, ReplyError, ReplyReader, pack_command, pack_set, send_buffers
+from cachestore.stats import CacheStats
+from cachestore.store import PutItem
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+_CONNECTION_KINDS = frozenset({"timeout", "connection", "auth"})
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """How to reach the store.
+
+    ``url``: ``redis://[user:password@]host:port/db`` or ``rediss://`` for TLS.
+    ``cluster``: the URL names one node of a Redis Cluster.
+    ``timeout_s``: upper bound on one store call (one pipeline) including socket reads.
+    ``connect_timeout_s``: upper bound on opening a connection.
+    ``retry_after_s``: after a connection failure, calls are misses until this passes.
+    ``ttl_s``: default expiry of written blocks (None: until evicted).
+    ``tls_*``: CA bundle and optional client certificate for ``rediss://``.
+    """
+
+    url: str = "redis://127.0.0.1:6379/0"
+    cluster: bool = False
+    timeout_s: float = 1.0
+    connect_timeout_s: float = 0.5
+    retry_after_s: float = 1.0
+    ttl_s: int | None = None
+    max_connections: int = 16
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    def redis_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for redis-py's pools and cluster client."""
+        kwargs: dict[str, Any] = {
+            "protocol": 2, "socket_timeout": self.timeout_s,
+            "socket_connect_timeout": self.connect_timeout_s,
+        }
+        if self.url.startswith("rediss://"):
+            kwargs.update(ssl_ca_certs=self.tls_ca_file, ssl_certfile=self.tls_cert_file,
+                          ssl_keyfile=self.tls_key_file)
+        return kwargs | self.extra
+
+
+class _Standalone:
+    """One server: one blocking pool, every key in one pipeline."""
+
+    def __init__(self, config: StoreConfig) -> None:
+        self._pool = redis.BlockingConnectionPool.from_url(
+            config.url, max_connections=config.max_connections, timeout=config.timeout_s,
+            **config.redis_kwargs())
+
+    def route(self, keys: Sequence[bytes]) -> list[tuple[Any, list[int]]]:
+        return [(self._pool, list(range(len(keys))))]
+
+    def reset(self) -> None:
+        self._pool.disconnect(inuse_connections=False)
+
+    def close(self) -> None:
+        self._pool.disconnect()
+
+
+class _Cluster:
+    """A Redis Cluster: keys grouped by the master that owns their slot."""
+
+    def __init__(self, config: StoreConfig) -> None:
+        self._config = config
+        self._client: RedisCluster | None = None
+        self._lock = threading.Lock()
+
+    def _cluster(self) -> RedisCluster:
+        with self._lock:
+            if self._client is None:
+                self._client = RedisCluster.from_url(
+                    self._config.url, cluster_error_retry_attempts=1,
+                    **self._config.redis_kwargs())
+            return self._client
+
+    def route(self, keys: Sequence[bytes]) -> list[tuple[Any, list[int]]]:
+        client = self._cluster()
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        for index, key in enumerate(keys):
+            node = client.get_node_from_key(key)
+            pool = client.get_redis_connection(node).connection_pool
+            groups.setdefault(node.name, (pool, []))[1].append(index)
+        return list(groups.values())
+
+    def reset(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def close(self) -> None:
+        self.reset()
+
+
+def _error_kind(exc: BaseException) -> str:
+    if isinstance(exc, (redis.TimeoutError, TimeoutError)):
+        return "timeout"
+    if isinstance(exc, (AuthenticationError, AuthorizationError)):
+        return "auth"
+    if isinstance(exc, (redis.ConnectionError, OSError, RedisClusterException)):
+        return "connection"
+    if isinstance(exc, redis.RedisError):
+        return "response"
+    return "internal"
+
+
+class RedisBlockStore:
+    """The ``BlockStore`` on Redis (standalone or cluster, TLS, ACL users)."""
+
+    def __init__(self, config: StoreConfig, stats: CacheStats | None = None) -> None:
+        self.config = config
+        self.stats = stats or CacheStats()
+        self._router = _Cluster(config) if config.cluster else _Standalone(config)
+        self._retry_at = 0.0
+
+    @classmethod
+    def from_url(cls, url: str, *, stats: CacheStats | None = None,
+                 **options: Any) -> RedisBlockStore:
+        """A store for ``url``; ``options`` are ``StoreConfig`` fields."""
+        return cls(replace(StoreConfig(), url=url, **options), stats)
+
+    def lookup_prefix(self, keys: Sequence[str]) -> int:
+        commands = [[pack_command(b"EXISTS", key)] for key in _encode(keys)]
+        replies = self._call("lookup", _encode(keys), commands, None)
+        return next((i for i, r in enumerate(replies) if r != 1), len(replies))
+
+    def get_many(self, keys: Sequence[str], *, arena: Arena | None = None
+                 ) -> list[memoryview | None]:
+        commands = [[pack_command(b"GET", key)] for key in _encode(keys)]
+        replies = self._call("get", _encode(keys), commands, arena)
+        values = [memoryview(r) if isinstance(r, (bytes, memoryview)) else None
+                  for r in replies]
+        self.stats.add("bytes_read", sum(v.nbytes for v in values if v is not None))
+        return values
+
+    def put_many(self, items: Sequence[PutItem], ttl_s: int | None = None) -> int:
+        keys = _encode([key for key, _ in items])
+        ttl = ttl_s or self.config.ttl_s
+        commands = [pack_set(key, parts, ttl) for key, (_, parts) in zip(keys, items)]
+        replies = self._call("put", keys, commands, None)
+        sizes = [sum(memoryview(p).nbytes for p in parts) for _, parts in items]
+        written = [size for size, reply in zip(sizes, replies) if reply == b"OK"]
+        self.stats.add("blocks_written", len(written))
+        self.stats.add("bytes_written", sum(written))
+        return len(written)
+
+    def close(self) -> None:
+        self._router.close()
+
+    def _call(self, op: str, keys: Sequence[bytes], commands: list[list[Buffer]],
+              arena: Arena | None) -> list[Reply]:
+        replies: list[Reply] = [None] * len(commands)
+        if not commands:
+            return replies
+        if time.monotonic() < self._retry_at:
+            self.stats.error("unavailable", f"{op}: waiting to reconnect", len(commands))
+            return replies
+        started = time.monotonic()
+        deadline = started + self.config.timeout_s
+        try:
+            for pool, indices in self._router.route(keys):
+                got = self._exchange(pool, [commands[i] for i in indices], arena, deadline)
+                for index, reply in zip(indices, got):
+                    replies[index] = reply
+        except Exception as exc:  # a cache problem must never fail a request
+            self._failed(op, exc)
+        self.stats.add_seconds(op, time.monotonic() - started)
+        return self._count_reply_errors(op, replies)
+
+    def _exchange(self, pool: Any, commands: list[list[Buffer]], arena: Arena | None,
+                  deadline: float) -> list[Reply]:
+        conn = pool.get_connection()
+        try:
+            sock = conn._sock  # redis-py connected and authenticated it
+            sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+            send_buffers(sock, itertools.chain.from_iterable(commands))
+            reader = ReplyReader(sock, deadline)
+            replies = [reader.read(arena) for _ in commands]
+            sock.settimeout(self.config.timeout_s)
+        except BaseException:
+            conn.disconnect()  # the stream is in an unknown state
+            raise
+        finally:
+            pool.release(conn)
+        return replies
+
+    def _failed(self, op: str, exc: Exception) -> None:
+        kind = _error_kind(exc)
+        self.stats.error(kind, f"{op}: {type(exc).__name__}: {exc}")
+        if kind in _CONNECTION_KINDS:
+            self._retry_at = time.monotonic() + self.config.retry_after_s
+            self._router.reset()
+
+    def _count_reply_errors(self, op: str, replies: list[Reply]) -> list[Reply]:
+        errors = [r for r in replies if isinstance(r, ReplyError)]
+        for error in errors:
+            self.stats.error(error.kind, f"{op}: {error.message}")
+        if any(e.kind in ("moved", "ask") for e in errors):
+            self._router.reset()
+        return [None if isinstance(r, ReplyError) else r for r in replies]
+
+
+def _encode(keys: Sequence[str]) -> list[bytes]:
+    return [key.encode() for key in keys]

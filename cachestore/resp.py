@@ -1,0 +1,184 @@
+"""Just enough RESP to pipeline SET/GET/EXISTS without copying block values.
+
+redis-py's command packer (and hiredis's) joins every argument into one new bytes object
+per command, so each value is copied before it is sent; its reply parser copies each
+bulk reply at least twice more. Here a SET is framed as a few small byte strings around
+the value's own buffers, which go to the kernel with ``sendmsg`` (scatter-gather) or
+``sendall`` (TLS), and bulk replies are read with ``recv_into`` straight into an
+``Arena``. Both RESP2 and RESP3 replies are understood.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from cachestore.arena import Arena
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+_IOV_MAX = 512
+_SMALL = 16 * 1024
+_READ_CHUNK = 64 * 1024
+
+
+class ReplyError:
+    """An error reply (``-ERR ...``); returned in place of a value, never raised."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    @property
+    def kind(self) -> str:
+        """The error's first word, lowercased: ``noperm``, ``oom``, ``moved``, ..."""
+        return self.message.split(" ", 1)[0].lower()
+
+    def __repr__(self) -> str:
+        return f"ReplyError({self.message!r})"
+
+
+Reply = int | bytes | memoryview | ReplyError | None
+
+
+def _bulk(arg: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(arg), arg)
+
+
+def pack_command(*args: bytes) -> bytes:
+    """A small command (``GET key``, ``EXISTS key``) as one byte string."""
+    return b"*%d\r\n" % len(args) + b"".join(_bulk(a) for a in args)
+
+
+def pack_set(key: bytes, value_parts: Sequence[Buffer], ttl_s: int | None) -> list[Buffer]:
+    """``SET key value NX [EX ttl]`` as buffers; large value parts are not copied."""
+    views = [memoryview(p).cast("B") for p in value_parts]
+    tail = [b"NX"] + ([b"EX", b"%d" % ttl_s] if ttl_s else [])
+    head = b"*%d\r\n" % (3 + len(tail)) + _bulk(b"SET") + _bulk(key)
+    head += b"$%d\r\n" % sum(v.nbytes for v in views)
+    out: list[Buffer] = []
+    for view in views:
+        if view.nbytes <= _SMALL:
+            head += view
+        else:
+            out += [head, view]
+            head = b""
+    out.append(head + b"\r\n" + b"".join(_bulk(t) for t in tail))
+    return out
+
+
+def send_buffers(sock: socket.socket, buffers: Iterable[Buffer]) -> None:
+    """Send every buffer in order without joining them (one syscall per ~512 buffers)."""
+    if isinstance(sock, ssl.SSLSocket):
+        for buf in buffers:
+            sock.sendall(buf)
+        return
+    pending = [memoryview(b).cast("B") for b in buffers]
+    while pending:
+        sent = sock.sendmsg(pending[:_IOV_MAX])
+        pending = _advance(pending, sent)
+
+
+def _advance(pending: list[memoryview], sent: int) -> list[memoryview]:
+    index = 0
+    while index < len(pending) and sent >= pending[index].nbytes:
+        sent -= pending[index].nbytes
+        index += 1
+    rest = pending[index:]
+    if rest and sent:
+        rest[0] = rest[0][sent:]
+    return rest
+
+
+class ReplyReader:
+    """Reads replies from one socket; bulk values land in an ``Arena`` when given one.
+
+    Every receive is bounded by what is left of ``deadline`` (``time.monotonic()``);
+    running past it raises ``TimeoutError``, and the connection must then be dropped.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock = sock
+        self._deadline = deadline
+        self._buf = bytearray(_READ_CHUNK)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+
+    def read(self, arena: Arena | None = None) -> Reply:
+        """The next reply: int, bytes/memoryview (bulk), ReplyError, or None (nil)."""
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest
+        if kind == b":":
+            return int(rest)
+        if kind == b"-":
+            return ReplyError(rest.decode(errors="replace"))
+        if kind == b"$":
+            length = int(rest)
+            return None if length < 0 else self._bulk(length, arena)
+        if kind == b"!":
+            return ReplyError(bytes(self._bulk(int(rest), None)).decode(errors="replace"))
+        if kind == b"_":
+            return None
+        raise ConnectionError(f"unexpected reply type {kind!r}")
+
+    def _bulk(self, length: int, arena: Arena | None) -> bytes | memoryview:
+        if arena is None or length <= _SMALL:
+            value = bytes(self._exactly(length))
+        else:
+            value = arena.take(length)
+            self._fill_into(value)
+        self._exactly(2)
+        return value
+
+    def _fill_into(self, dest: memoryview) -> None:
+        have = min(self._end - self._start, dest.nbytes)
+        dest[:have] = self._view[self._start:self._start + have]
+        self._start += have
+        while have < dest.nbytes:
+            have += self._recv(dest[have:])
+
+    def _exactly(self, n: int) -> memoryview:
+        while self._end - self._start < n:
+            self._more(n)
+        out = self._view[self._start:self._start + n]
+        self._start += n
+        return out
+
+    def _line(self) -> bytes:
+        while (pos := self._buf.find(b"\r\n", self._start, self._end)) < 0:
+            self._more(self._end - self._start + 1)
+        line = bytes(self._view[self._start:pos])
+        self._start = pos + 2
+        return line
+
+    def _more(self, needed: int) -> None:
+        if self._start:
+            size = self._end - self._start
+            self._view[:size] = self._view[self._start:self._end]
+            self._start, self._end = 0, size
+        if needed > len(self._buf):
+            self._grow(needed)
+        self._end += self._recv(self._view[self._end:])
+
+    def _grow(self, needed: int) -> None:
+        bigger = bytearray(max(needed, 2 * len(self._buf)))
+        bigger[:self._end] = self._view[:self._end]
+        self._buf, self._view = bigger, memoryview(bigger)
+
+    def _recv(self, into: memoryview) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("store call ran past its deadline")
+        self._sock.settimeout(left)
+        n = self._sock.recv_into(into)
+        if n == 0:
+            raise ConnectionError("connection closed by the server")
+        return n

@@ -1,0 +1,99 @@
+"""The block store interface and its in-memory implementation.
+
+A store maps block keys to immutable values. Every method is batched, synchronous,
+thread-safe and bounded in time, and none raises a store error into a request: an
+error, a timeout or an unreachable server turns into misses (or dropped writes) that are
+counted in ``stats`` by kind and logged without flooding. ``RedisBlockStore`` (in
+``cachestore.redis_store``) is the real one; ``MemoryBlockStore`` is for unit tests.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from cachestore.arena import Arena
+from cachestore.stats import CacheStats
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+PutItem = tuple[str, Sequence["Buffer"]]
+"""A key and the parts of its value (header, payload), sent without joining them."""
+
+
+class BlockStore(Protocol):
+    """Batched access to block values; see the module docstring for the error contract."""
+
+    stats: CacheStats
+
+    def lookup_prefix(self, keys: Sequence[str]) -> int:
+        """How many leading keys are present (stops at the first absent one)."""
+        ...
+
+    def get_many(self, keys: Sequence[str], *, arena: Arena | None = None
+                 ) -> list[memoryview | None]:
+        """Each key's value, or None when absent or unreadable; large values land in
+        ``arena`` when one is given (valid until its next reset)."""
+        ...
+
+    def put_many(self, items: Sequence[PutItem], ttl_s: int | None = None) -> int:
+        """Write values that are not there yet (SET NX, optional TTL); returns how many
+        were written. Existing keys are left as they are."""
+        ...
+
+    def close(self) -> None:
+        """Release connections; the store may not be used afterwards."""
+        ...
+
+
+class MemoryBlockStore:
+    """A dict-backed store with the same semantics (NX writes, TTLs) for unit tests.
+
+    ``values`` is the raw key -> bytes mapping, exposed so tests can inject faults.
+    """
+
+    def __init__(self, stats: CacheStats | None = None) -> None:
+        self.stats = stats or CacheStats()
+        self.values: dict[str, bytes] = {}
+        self._expiry: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def _live(self, key: str) -> bytes | None:
+        if self._expiry.get(key, float("inf")) <= time.monotonic():
+            self.values.pop(key, None)
+            self._expiry.pop(key, None)
+        return self.values.get(key)
+
+    def lookup_prefix(self, keys: Sequence[str]) -> int:
+        with self._lock:
+            for count, key in enumerate(keys):
+                if self._live(key) is None:
+                    return count
+            return len(keys)
+
+    def get_many(self, keys: Sequence[str], *, arena: Arena | None = None
+                 ) -> list[memoryview | None]:
+        with self._lock:
+            found = [self._live(key) for key in keys]
+        self.stats.add("bytes_read", sum(len(v) for v in found if v is not None))
+        return [None if v is None else memoryview(v) for v in found]
+
+    def put_many(self, items: Sequence[PutItem], ttl_s: int | None = None) -> int:
+        written = 0
+        with self._lock:
+            for key, parts in items:
+                if self._live(key) is not None:
+                    continue
+                self.values[key] = b"".join(parts)
+                if ttl_s:
+                    self._expiry[key] = time.monotonic() + ttl_s
+                written += 1
+                self.stats.add("bytes_written", len(self.values[key]))
+        return written
+
+    def close(self) -> None:
+        with self._lock:
+            self.values.clear()

@@ -1,0 +1,1 @@
+"""Helpers shared by kvrelay's tests (real redis-server processes, TLS material)."""
