@@ -1,0 +1,304 @@
+"""Convert a Llama-family GGUF file into a HuggingFace-format model directory.
+
+Reading and dequantizing use the ``gguf`` package: llama.cpp's own GGUF reader and
+dequantizers (``gguf.GGUFReader``, ``gguf.quants.dequantize``), maintained alongside the
+format itself. This module adds what a GGUF does not spell the HF way:
+
+- tensor names (``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``);
+- llama.cpp stores q/k projection rows permuted for its rotary kernel (the two rotary halves
+  of each head interleaved); the permutation is undone here so the HF rotary layout applies;
+- ``config.json`` from the ``<arch>.*`` keys, ``tokenizer.json`` from the vocabulary, merges
+  and pre-tokenizer name in ``tokenizer.ggml.*``, the chat template and bos/eos ids.
+
+Weights are written dequantized as float32 (the dequantized values are exact in float32);
+``load_model`` casts them to the requested dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+# Bump when the converter's output changes, so cached conversions are redone.
+CONVERTER_VERSION = 1
+
+_CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
+
+
+class GGUFConversionError(ValueError):
+    """A GGUF file kvrelay cannot convert: names the key, tensor or feature at fault."""
+
+
+@dataclass(frozen=True)
+class _Family:
+    architecture: str
+    model_type: str
+    rope_permuted: bool  # llama.cpp permutes q/k rows for this family
+
+
+GGUF_FAMILIES: dict[str, _Family] = {
+    "llama": _Family("LlamaForCausalLM", "llama", rope_permuted=True),
+    "qwen2": _Family("Qwen2ForCausalLM", "qwen2", rope_permuted=False),
+}
+
+_GLOBAL_TENSORS = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _regex_split(pattern: str) -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+# tokenizer.ggml.pre -> the pre-tokenizer the vocabulary's merges were learned with.
+PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
+    "default": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False),
+    "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False),
+    "smollm": lambda: pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+    "llama-bpe": lambda: _regex_split(_LLAMA3_SPLIT),
+    "qwen2": lambda: _regex_split(_QWEN2_SPLIT),
+}
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path,
+                 progress: Callable[[str], None] = lambda _: None) -> Path:
+    """Write ``gguf_path`` as an HF-format directory into ``out_dir`` (created if needed)."""
+    reader = GGUFReader(str(gguf_path))
+    meta = _Metadata(reader)
+    family = _family(meta)
+    config = hf_config(meta, family, reader)
+    config["_name_or_path"] = Path(gguf_path).stem
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    progress(f"building tokenizer from {Path(gguf_path).name}")
+    write_tokenizer_files(meta, out, config["max_position_embeddings"])
+    _write_json(out / "config.json", config)
+    _write_json(out / "generation_config.json", {
+        k: config[k] for k in ("bos_token_id", "eos_token_id") if config.get(k) is not None})
+    progress(f"dequantizing {len(reader.tensors)} tensors")
+    tensors = dict(hf_tensors(reader, config, family))
+    progress("writing model.safetensors")
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+class _Metadata:
+    """Typed access to a GGUF file's key/value metadata."""
+
+    def __init__(self, reader: GGUFReader) -> None:
+        self._fields = reader.fields
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self._fields.get(key)
+        return default if field is None else field.contents()
+
+    def need(self, key: str) -> Any:
+        if key not in self._fields:
+            raise GGUFConversionError(f"GGUF metadata is missing {key!r}")
+        return self.get(key)
+
+
+def _family(meta: _Metadata) -> _Family:
+    arch = meta.need("general.architecture")
+    if arch not in GGUF_FAMILIES:
+        raise GGUFConversionError(f"unsupported GGUF architecture {arch!r}; supported: "
+                                  f"{', '.join(sorted(GGUF_FAMILIES))}")
+    return GGUF_FAMILIES[arch]
+
+
+def hf_config(meta: _Metadata, family: _Family, reader: GGUFReader) -> dict[str, Any]:
+    """config.json for the model the GGUF metadata describes."""
+    arch = meta.need("general.architecture")
+
+    def key(name: str) -> str:
+        return f"{arch}.{name}"
+
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise GGUFConversionError("unsupported: rope_freqs tensor (llama3-style rope scaling)")
+    heads = int(meta.need(key("attention.head_count")))
+    hidden = int(meta.need(key("embedding_length")))
+    return {
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
+        "vocab_size": len(meta.need("tokenizer.ggml.tokens")),
+        "hidden_size": hidden,
+        "intermediate_size": int(meta.need(key("feed_forward_length"))),
+        "num_hidden_layers": int(meta.need(key("block_count"))),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(meta.get(key("attention.head_count_kv"), heads)),
+        "head_dim": int(meta.get(key("attention.key_length"), hidden // heads)),
+        "max_position_embeddings": int(meta.get(key("context_length"), 2048)),
+        "rms_norm_eps": float(meta.need(key("attention.layer_norm_rms_epsilon"))),
+        "rope_theta": float(meta.get(key("rope.freq_base"), 10000.0)),
+        "rope_scaling": _rope_scaling(meta, arch),
+        "tie_word_embeddings": "output.weight" not in names,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+    }
+
+
+def _rope_scaling(meta: _Metadata, arch: str) -> dict[str, Any] | None:
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    if kind != "linear":
+        raise GGUFConversionError(f"unsupported rope scaling type {kind!r}")
+    return {"rope_type": "linear", "factor": float(meta.need(f"{arch}.rope.scaling.factor"))}
+
+
+def hf_tensors(reader: GGUFReader, config: dict[str, Any],
+               family: _Family) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, float32 tensor) for every tensor, dequantized, q/k rows un-permuted."""
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    for t in reader.tensors:
+        name, kind = hf_tensor_name(t.name)
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims fastest first
+        data = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        if family.rope_permuted and kind in heads:
+            data = unpermute_rope_rows(data, heads[kind])
+        yield name, torch.from_numpy(np.ascontiguousarray(data))
+
+
+def hf_tensor_name(gguf_name: str) -> tuple[str, str]:
+    """``blk.3.attn_q.weight`` -> (``model.layers.3.self_attn.q_proj.weight``, ``attn_q``)."""
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_TENSORS:
+        return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}.{parts[3]}", parts[2]
+    if len(parts) == 2 and parts[0] in _GLOBAL_TENSORS:
+        return f"{_GLOBAL_TENSORS[parts[0]]}.{parts[1]}", parts[0]
+    raise GGUFConversionError(f"unsupported GGUF tensor {gguf_name!r}")
+
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row order: per head, rows (pair, half) back to (half, pair).
+
+    w: (n_heads * head_dim, ...) weight or (n_heads * head_dim,) bias.
+    """
+    rest = w.shape[1:]
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tokenizer_files(meta: _Metadata, out: Path, max_length: int) -> None:
+    """tokenizer.json and tokenizer_config.json (special tokens, chat template)."""
+    tokens: list[str] = meta.need("tokenizer.ggml.tokens")
+    tokenizer = build_tokenizer(meta, tokens)
+    tokenizer.save(str(out / "tokenizer.json"))
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": max_length,
+        "clean_up_tokenization_spaces": False,
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+    }
+    for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
+                      ("pad_token", "padding")):
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        config[name] = None if token_id is None else tokens[token_id]
+    if (template := meta.get("tokenizer.chat_template")) is not None:
+        config["chat_template"] = template
+    _write_json(out / "tokenizer_config.json", config)
+
+
+def build_tokenizer(meta: _Metadata, tokens: list[str]) -> Tokenizer:
+    """Byte-level BPE (``tokenizer.ggml.model`` gpt2) from the vocabulary and merges."""
+    model = meta.need("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise GGUFConversionError(f"unsupported tokenizer model {model!r} (only byte-level "
+                                  "BPE, 'gpt2', is supported)")
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise GGUFConversionError(f"unsupported pre-tokenizer {pre!r}; supported: "
+                                  f"{', '.join(sorted(PRE_TOKENIZERS))}")
+    vocab = {_byte_level_spelling(tok): i for i, tok in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in meta.need("tokenizer.ggml.merges")]
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    tokenizer.pre_tokenizer = PRE_TOKENIZERS[pre]()
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = _post_processor(meta, tokens)
+    _add_special_tokens(tokenizer, tokens, meta.get("tokenizer.ggml.token_type") or [])
+    return tokenizer
+
+
+_BYTE_ALPHABET = frozenset(pre_tokenizers.ByteLevel.alphabet())
+
+
+def _byte_level_spelling(token: str) -> str:
+    """A token as the byte-level vocabulary spells it (some files store raw UTF-8 text)."""
+    if set(token) <= _BYTE_ALPHABET:
+        return token
+    return "".join(_BYTE_TO_CHAR[b] for b in token.encode("utf-8"))
+
+
+def _bytes_to_chars() -> dict[int, str]:
+    """The byte -> printable character table byte-level BPE vocabularies are written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    extra = (b for b in range(256) if b not in printable)
+    table = {b: chr(b) for b in printable}
+    table.update({b: chr(256 + n) for n, b in enumerate(extra)})
+    return table
+
+
+_BYTE_TO_CHAR = _bytes_to_chars()
+
+
+def _post_processor(meta: _Metadata, tokens: list[str]) -> processors.PostProcessor:
+    bos_id = meta.get("tokenizer.ggml.bos_token_id")
+    if not meta.get("tokenizer.ggml.add_bos_token", False) or bos_id is None:
+        return processors.ByteLevel(trim_offsets=False)
+    bos = tokens[bos_id]
+    return processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                         special_tokens=[(bos, bos_id)])
+
+
+def _add_special_tokens(tokenizer: Tokenizer, tokens: list[str], types: list[int]) -> None:
+    """Control tokens become special added tokens, user-defined ones plain added tokens,
+    so both are matched whole in text instead of being cut into byte pieces. A token spelled
+    outside the byte alphabet is left out: added as written, it would get a new id."""
+    spelled = [(tok, kind) for tok, kind in zip(tokens, types) if set(tok) <= _BYTE_ALPHABET]
+    control = [AddedToken(tok, special=True, normalized=False)
+               for tok, kind in spelled if kind == _CONTROL]
+    user = [AddedToken(tok, special=False, normalized=False)
+            for tok, kind in spelled if kind == _USER_DEFINED]
+    tokenizer.add_special_tokens(control)
+    tokenizer.add_tokens(user)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
