@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from cachestore.arena import Arena
@@ -55,14 +55,16 @@ class MemoryBlockStore:
     ``values`` is the raw key -> bytes mapping, exposed so tests can inject faults.
     """
 
-    def __init__(self, stats: CacheStats | None = None) -> None:
+    def __init__(self, stats: CacheStats | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.stats = stats or CacheStats()
         self.values: dict[str, bytes] = {}
         self._expiry: dict[str, float] = {}
+        self._clock = clock
         self._lock = threading.Lock()
 
     def _live(self, key: str) -> bytes | None:
-        if self._expiry.get(key, float("inf")) <= time.monotonic():
+        if self._expiry.get(key, float("inf")) <= self._clock():
             self.values.pop(key, None)
             self._expiry.pop(key, None)
         return self.values.get(key)
@@ -89,7 +91,7 @@ class MemoryBlockStore:
                     continue
                 self.values[key] = b"".join(parts)
                 if ttl_s:
-                    self._expiry[key] = time.monotonic() + ttl_s
+                    self._expiry[key] = self._clock() + ttl_s
                 written += 1
                 self.stats.add("bytes_written", len(self.values[key]))
         return written
