@@ -132,6 +132,7 @@ def train_tokenizer() -> Tokenizer:
 def _config(architecture: str, vocab_size: int, ids: dict[str, int],
             overrides: dict[str, Any]) -> dict[str, Any]:
     config = {"architectures": [architecture],
+              "_name_or_path": "kvrelay-tiny",
               "model_type": _FAMILIES[architecture]["model_type"],
               **_DEFAULT_CONFIG,
               "vocab_size": vocab_size,
