@@ -1,0 +1,27 @@
+"""The decode worker's settings (``kvrelay decode --help`` lists them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvrelay.serving.settings import setting
+from kvrelay.serving.worker_config import WorkerConfig
+
+
+@dataclass(frozen=True)
+class DecodeConfig(WorkerConfig):
+    """A decode worker: the Generate front door and the continuous batch."""
+
+    port: int = setting(50051, "gRPC port")
+    metrics_port: int = setting(9401, "Prometheus /metrics HTTP port (0: no metrics server)")
+    prefill_addr: str = setting("", "prefill worker HOST:PORT (empty: always prefill locally)")
+    prefill_threshold_tokens: int = setting(
+        32, "ship the prompt to the prefill worker when at least this many tokens are uncached")
+    prefill_timeout_s: float = setting(30.0, "deadline of one Prefill call")
+    max_new_tokens_limit: int = setting(4096, "largest max_new_tokens a request may ask for")
+    max_prompt_chars: int = setting(1_000_000, "largest prompt text, in characters")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prefill_threshold_tokens < 1 or self.max_new_tokens_limit < 1:
+            raise ValueError("prefill_threshold_tokens and max_new_tokens_limit must be positive")

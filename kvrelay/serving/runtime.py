@@ -1,0 +1,116 @@
+"""What a worker holds once warm: the model, its runner, the prefix cache and the
+compute thread. Both workers build it the same way from their ``WorkerConfig``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from cachestore.codec import CODEC_VERSION, LAYOUT, BlockSpec
+from cachestore.fingerprint import model_fingerprint
+from cachestore.kvstore import PrefixCache
+from cachestore.redis_store import RedisBlockStore
+from cachestore.stats import CacheStats
+from engine.loader import LoadedModel, default_model_path, load_model
+from engine.runner import ModelRunner
+from kvrelay.serving.metrics import WorkerMetrics
+from kvrelay.serving.worker_config import WorkerConfig
+
+log = logging.getLogger("kvrelay.runtime")
+T = TypeVar("T")
+
+
+class NoStore:
+    """The block store of a worker run without Redis: every lookup misses, writes drop."""
+
+    def __init__(self) -> None:
+        self.stats = CacheStats()
+
+    def lookup_prefix(self, keys: Sequence[str]) -> int:
+        return 0
+
+    def get_many(self, keys: Sequence[str], *, arena: Any = None) -> list[memoryview | None]:
+        return [None] * len(keys)
+
+    def put_many(self, items: Sequence[Any], ttl_s: int | None = None) -> int:
+        return 0
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def kv_dtype_name(runner: ModelRunner) -> str:
+    """``torch.bfloat16`` -> ``bfloat16``."""
+    return str(runner.dtype).removeprefix("torch.")
+
+
+def block_spec(loaded: LoadedModel, runner: ModelRunner) -> BlockSpec:
+    """The shape and fingerprint of this worker's KV blocks."""
+    cfg = loaded.config
+    fingerprint = model_fingerprint(cfg.canonical_json(), loaded.weights_digest,
+                                    kv_dtype_name(runner), runner.block_size, LAYOUT,
+                                    CODEC_VERSION)
+    return BlockSpec(fingerprint, kv_dtype_name(runner), cfg.num_layers, runner.block_size,
+                     cfg.num_kv_heads, cfg.head_dim)
+
+
+def open_store(config: WorkerConfig) -> RedisBlockStore | NoStore:
+    """The shared block store named by ``config.redis_url`` (NoStore when empty)."""
+    if not config.redis_url:
+        log.warning("no redis_url: running without the shared prefix store")
+        return NoStore()
+    return RedisBlockStore.from_url(config.redis_url, cluster=config.redis_cluster,
+                                    timeout_s=config.store_timeout_s,
+                                    ttl_s=config.block_ttl_s or None)
+
+
+@dataclass
+class Runtime:
+    """A warm worker's model, runner and prefix cache, and the threads that use them."""
+
+    loaded: LoadedModel
+    runner: ModelRunner
+    cache: PrefixCache
+    compute: ThreadPoolExecutor
+    store_io: ThreadPoolExecutor
+    metrics: WorkerMetrics
+
+    @property
+    def spec(self) -> BlockSpec:
+        return self.cache.spec
+
+    async def on_store(self, op: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run a store call on the store thread pool, timing it as ``op``."""
+        started = time.monotonic()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.store_io, fn, *args)
+        finally:
+            self.metrics.store_call.labels(op).observe(time.monotonic() - started)
+
+    def close(self) -> None:
+        self.compute.shutdown(wait=False, cancel_futures=True)
+        self.store_io.shutdown(wait=False, cancel_futures=True)
+        self.cache.store.close()
+
+
+def build_runtime(config: WorkerConfig, metrics: WorkerMetrics) -> Runtime:
+    """Load the model and connect the store (blocking: call it off the event loop)."""
+    started = time.monotonic()
+    loaded = load_model(config.model or default_model_path(), dtype=config.dtype,
+                        device=config.device)
+    runner = ModelRunner(loaded, num_blocks=config.num_blocks, block_size=config.block_size)
+    store = open_store(config)
+    cache = PrefixCache(store, block_spec(loaded, runner), ttl_s=config.block_ttl_s or None)
+    metrics.watch_store(store.stats.snapshot)
+    metrics.kv_total.set(config.num_blocks)
+    log.info("model loaded", extra={"model": loaded.name, "fingerprint": cache.spec.fingerprint,
+                                    "seconds": round(time.monotonic() - started, 2)})
+    return Runtime(loaded, runner, cache,
+                   ThreadPoolExecutor(1, thread_name_prefix="compute"),
+                   ThreadPoolExecutor(config.store_threads, thread_name_prefix="store"), metrics)

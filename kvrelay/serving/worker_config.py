@@ -1,0 +1,45 @@
+"""Settings every worker shares; ``PrefillConfig`` and ``DecodeConfig`` extend them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvrelay.serving.settings import setting
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Where a worker listens, what it serves and how it reaches the store."""
+
+    host: str = setting("127.0.0.1", "address to bind (plaintext gRPC: keep it on loopback "
+                                     "unless a trusted network is in front)")
+    port: int = setting(50051, "gRPC port")
+    metrics_port: int = setting(9400, "Prometheus /metrics HTTP port (0: no metrics server)")
+    model: str | None = setting(None, "model directory or GGUF file (default: the demo model "
+                                      "when installed, else the built-in tiny model)")
+    dtype: str = setting("float32", "weights and KV dtype: float32, bfloat16 or float16")
+    device: str = setting("cpu", "torch device, e.g. cpu or cuda")
+    redis_url: str = setting("", "prefix store URL (redis:// or rediss://); empty: no store, "
+                                 "every lookup is a miss")
+    redis_cluster: bool = setting(False, "the URL names a node of a Redis Cluster")
+    store_timeout_s: float = setting(0.5, "upper bound on one store call")
+    block_ttl_s: int = setting(86400, "expiry of published blocks, seconds (0: none)")
+    store_threads: int = setting(4, "threads doing store I/O")
+    block_size: int = setting(64, "tokens per KV block (part of the model fingerprint; "
+                                  "every worker sharing a store must agree)")
+    num_blocks: int = setting(2048, "KV blocks in this worker's pool")
+    max_batch_size: int = setting(16, "most sequences in one forward pass")
+    max_requests: int = setting(64, "most requests running plus waiting (RESOURCE_EXHAUSTED beyond)")
+    max_message_bytes: int = setting(4 * 1024 * 1024, "gRPC message-size limit, both directions")
+    drain_grace_s: float = setting(30.0, "on SIGTERM, how long in-flight requests may finish")
+    log_level: str = setting("info", "log level")
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "num_blocks", "max_batch_size", "max_requests",
+                     "max_message_bytes", "store_threads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
