@@ -1,0 +1,159 @@
+"""RedisBlockStore against a real standalone redis-server started by the test."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+import pytest
+
+from cachestore.codec import BlockSpec
+from cachestore.kvstore import PrefixCache
+from cachestore.redis_store import RedisBlockStore
+from tests.cachestore.conftest import Collect, make_payloads
+from tests.support.redis_server import RedisServer, free_port, start_redis
+
+TOKENS = list(range(1000, 1032))  # 8 full blocks of 4 tokens
+
+
+def _cache(url: str, spec: BlockSpec, **options: object) -> PrefixCache:
+    store = RedisBlockStore.from_url(url, **options)
+    return PrefixCache(store, spec, batch_bytes=3 * spec.value_nbytes)
+
+
+def _publish(cache: PrefixCache) -> tuple[list, np.ndarray]:
+    hashes = cache.block_hashes(TOKENS)
+    payloads = make_payloads(cache.spec, len(hashes))
+    cache.publish(hashes, list(payloads))
+    return hashes, payloads
+
+
+def test_blocks_round_trip_exactly(redis_server: RedisServer, spec: BlockSpec) -> None:
+    cache = _cache(redis_server.url(), spec)
+    hashes, payloads = _publish(cache)
+    sink = Collect()
+    assert cache.fetch_prefix(hashes, sink) == 8
+    assert sink.blocks == [(i, payloads[i].tobytes()) for i in range(8)]
+    assert cache.publish(hashes, list(payloads)) == 0
+    assert cache.stats.snapshot()["errors"] == {}
+    cache.store.close()
+
+
+def test_lookup_and_fetch_stop_at_a_deleted_middle_block(redis_server: RedisServer,
+                                                         spec: BlockSpec) -> None:
+    cache = _cache(redis_server.url(), spec)
+    hashes, _ = _publish(cache)
+    with contextlib.closing(redis_server.client()) as admin:
+        admin.delete(cache.keys(hashes)[5])
+    sink = Collect()
+    assert cache.lookup(hashes) == 5
+    assert cache.fetch_prefix(hashes, sink) == 5
+    assert [i for i, _ in sink.blocks] == [0, 1, 2, 3, 4]
+
+
+def test_fetch_stops_at_an_overwritten_middle_block(redis_server: RedisServer,
+                                                    spec: BlockSpec) -> None:
+    cache = _cache(redis_server.url(), spec)
+    hashes, _ = _publish(cache)
+    key = cache.keys(hashes)[4]
+    with contextlib.closing(redis_server.client()) as admin:
+        value = bytearray(admin.get(key))
+        value[200] ^= 0xFF
+        admin.set(key, bytes(value))
+    assert cache.lookup(hashes) == 8
+    assert cache.fetch_prefix(hashes, Collect()) == 4
+    assert cache.stats.integrity_failures("wrong_checksum") == 1
+
+
+def test_writes_carry_the_ttl(redis_server: RedisServer, spec: BlockSpec) -> None:
+    cache = _cache(redis_server.url(), spec, ttl_s=120)
+    hashes, _ = _publish(cache)
+    with contextlib.closing(redis_server.client()) as admin:
+        ttls = [admin.ttl(key) for key in cache.keys(hashes)]
+    assert all(0 < ttl <= 120 for ttl in ttls)
+
+
+def test_unreachable_server_gives_quick_counted_misses(spec: BlockSpec) -> None:
+    cache = _cache(f"redis://127.0.0.1:{free_port()}/0", spec, retry_after_s=30.0)
+    hashes = cache.block_hashes(TOKENS)
+    started = time.monotonic()
+    assert cache.lookup(hashes) == 0
+    assert cache.fetch_prefix(hashes, Collect()) == 0
+    assert cache.publish(hashes, list(make_payloads(spec, 8))) == 0
+    assert time.monotonic() - started < 2.0
+    assert cache.stats.errors("connection") == 1
+    assert cache.stats.errors("unavailable") > 0
+
+
+def test_reconnects_after_a_restart(spec: BlockSpec) -> None:
+    server = start_redis()
+    try:
+        cache = _cache(server.url(), spec, retry_after_s=0.2)
+        hashes, _ = _publish(cache)
+        port = server.port
+        server.stop()
+        assert cache.lookup(hashes) == 0
+        server = start_redis(port=port)
+        time.sleep(0.3)
+        assert cache.lookup(hashes) == 0  # restarted empty
+        _publish(cache)
+        assert cache.fetch_prefix(hashes, Collect()) == 8
+        assert cache.stats.errors("connection") >= 1
+    finally:
+        server.stop()
+
+
+def test_paused_server_times_out_quickly(redis_server: RedisServer, spec: BlockSpec) -> None:
+    cache = _cache(redis_server.url(), spec, timeout_s=0.3)
+    hashes, _ = _publish(cache)
+    with contextlib.closing(redis_server.client()) as admin:
+        admin.execute_command("CLIENT", "PAUSE", 2000, "ALL")
+        started = time.monotonic()
+        assert cache.fetch_prefix(hashes, Collect()) == 0
+        assert time.monotonic() - started < 1.0
+        assert cache.stats.errors("timeout") == 1
+        admin.execute_command("CLIENT", "UNPAUSE")
+
+
+def test_full_server_with_noeviction_refuses_writes(spec: BlockSpec) -> None:
+    server = start_redis(["--maxmemory-policy", "noeviction"])
+    try:
+        cache = _cache(server.url(), spec)
+        with contextlib.closing(server.client()) as admin:
+            admin.set("filler", b"x" * 2_000_000)
+            admin.config_set("maxmemory", "1mb")
+        hashes = cache.block_hashes(TOKENS)
+        assert cache.publish(hashes, list(make_payloads(spec, 8))) == 0
+        assert cache.stats.errors("oom") == 8
+    finally:
+        server.stop()
+
+
+def test_read_only_acl_user_reads_and_is_refused_writes(redis_server: RedisServer,
+                                                       spec: BlockSpec) -> None:
+    with contextlib.closing(redis_server.client()) as admin:
+        admin.acl_setuser("reader", enabled=True, passwords=["+r3ad"], keys=["*"],
+                          commands=["+@read", "+@connection"])
+    writer = _cache(redis_server.url(), spec)
+    hashes, _ = _publish(writer)
+    reader = _cache(redis_server.url("reader", "r3ad"), spec)
+    assert reader.lookup(hashes) == 8
+    assert reader.fetch_prefix(hashes, Collect()) == 8
+    other = reader.block_hashes([5] * 8)
+    assert reader.publish(other, list(make_payloads(spec, 2))) == 0
+    assert reader.stats.errors("noperm") == 2
+    assert writer.lookup(other) == 0
+
+
+def test_wrong_password_is_counted_not_raised(spec: BlockSpec) -> None:
+    server = start_redis(password="s3cret")
+    try:
+        cache = _cache(server.url(password="wrong"), spec)
+        assert cache.lookup(cache.block_hashes(TOKENS)) == 0
+        assert cache.stats.errors("auth") == 1
+        good = _cache(server.url(), spec)
+        hashes, _ = _publish(good)
+        assert good.fetch_prefix(hashes, Collect()) == 8
+    finally:
+        server.stop()
