@@ -1,12 +1,20 @@
-"""Session-wide fixtures shared by every test package."""
+"""Session-wide fixtures shared by every test package.
+
+Tests never contact a model hub: the offline switches are set here, before any test module
+imports transformers (huggingface_hub reads them once, at import).
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from engine.tiny import write_tiny_model
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")
