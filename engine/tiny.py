@@ -54,8 +54,6 @@ _DEFAULT_CONFIG: dict[str, Any] = {
     "rope_theta": 10000.0,
     "rope_scaling": None,
     "tie_word_embeddings": False,
-    "attention_bias": False,
-    "mlp_bias": False,
     "hidden_act": "silu",
     "initializer_range": 0.02,
     "torch_dtype": "float32",
@@ -139,7 +137,9 @@ def _config(architecture: str, vocab_size: int, ids: dict[str, int],
               "bos_token_id": ids["<|endoftext|>"],
               "eos_token_id": ids["<|im_end|>"],
               "pad_token_id": ids["<|endoftext|>"]}
-    if architecture != "LlamaForCausalLM":
+    if architecture == "LlamaForCausalLM":
+        config.update(attention_bias=False, mlp_bias=False)
+    else:
         config["sliding_window"] = None
     if architecture == "Qwen2ForCausalLM":
         config["use_sliding_window"] = False
@@ -183,8 +183,9 @@ def _random_weights(config: dict[str, Any], seed: int) -> Iterator[tuple[str, to
     def norm() -> torch.Tensor:
         return (1.0 + torch.randn(h, generator=gen) * 0.1).to(dtype)
 
-    biased = _FAMILIES[config["architectures"][0]]["bias"](config["attention_bias"])
+    biased = _FAMILIES[config["architectures"][0]]["bias"](config.get("attention_bias", False))
     proj_shapes = {"q": (q_out, h), "k": (kv_out, h), "v": (kv_out, h), "o": (h, q_out)}
+    mlp_shapes = {"gate": (inter, h), "up": (inter, h), "down": (h, inter)}
     yield "model.embed_tokens.weight", normal(vocab, h, std=1.0)
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}"
@@ -194,9 +195,10 @@ def _random_weights(config: dict[str, Any], seed: int) -> Iterator[tuple[str, to
             if name in biased:
                 yield f"{p}.self_attn.{name}_proj.bias", normal(shape[0], std=0.1)
         yield f"{p}.post_attention_layernorm.weight", norm()
-        yield f"{p}.mlp.gate_proj.weight", linear(inter, h)
-        yield f"{p}.mlp.up_proj.weight", linear(inter, h)
-        yield f"{p}.mlp.down_proj.weight", linear(h, inter)
+        for name, shape in mlp_shapes.items():
+            yield f"{p}.mlp.{name}_proj.weight", linear(*shape)
+            if config.get("mlp_bias"):
+                yield f"{p}.mlp.{name}_proj.bias", normal(shape[0], std=0.1)
     yield "model.norm.weight", norm()
     if not config["tie_word_embeddings"]:
         yield "lm_head.weight", normal(vocab, h, std=3.0 / math.sqrt(h))
