@@ -1,0 +1,39 @@
+"""Decode's client of ``kvrelay.v1.Prefill``: failures come back as a reason, never raised.
+
+Decode prefills locally whenever this returns no result (worker down, hung past the
+deadline, overloaded, a different model), and counts it by that reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from kvrelay.serving.server import message_size_options
+from protos.kvrelay.v1 import prefill_pb2 as pb
+from protos.kvrelay.v1 import prefill_pb2_grpc as pb_grpc
+
+
+class PrefillClient:
+    """One channel to one prefill worker (created on the running event loop)."""
+
+    def __init__(self, addr: str, max_message_bytes: int) -> None:
+        self.addr = addr
+        self._channel = grpc.aio.insecure_channel(addr, options=message_size_options(max_message_bytes))
+        self._stub = pb_grpc.PrefillStub(self._channel)
+
+    async def prefill(self, token_ids: Sequence[int], cache_salt: str, block_hashes: Sequence[bytes],
+                      fingerprint: str, request_id: str, timeout_s: float) -> tuple[int | None, str]:
+        """``(stored prompt tokens, "")`` on success, ``(None, reason)`` on any failure."""
+        request = pb.PrefillRequest(token_ids=token_ids, cache_salt=cache_salt,
+                                    block_hashes=[bytes(h) for h in block_hashes],
+                                    model_fingerprint=fingerprint, request_id=request_id)
+        try:
+            reply = await self._stub.Prefill(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as err:
+            return None, err.code().name.lower()
+        return reply.stored_prompt_tokens, ""
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,148 @@
+"""The continuous batch on its own thread, so the grpc.aio event loop never blocks.
+
+One dedicated compute thread owns the ``LLMEngine`` and its ``ModelRunner``. The event
+loop talks to it only by messages: ``submit`` (an admission: import fetched blocks,
+prefill missing full blocks, join the batch), ``abort`` (leave now, freeing KV). Between
+two engine steps the thread applies every pending message, so requests join and leave
+between steps. Results go back to each request's ``asyncio.Queue``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cachestore.hashing import BlockHash
+from engine.engine import LLMEngine, StepOutput
+from engine.sequence import Sequence
+from kvrelay.serving.kvblocks import export_blocks, prefill_full_blocks, used_blocks
+from kvrelay.serving.metrics import WorkerMetrics
+
+log = logging.getLogger("kvrelay.scheduler")
+Publish = Callable[[list[BlockHash], list[np.ndarray]], None]
+
+
+@dataclass
+class Admission:
+    """A request ready to join the batch: its prompt blocks' hashes and fetched payloads."""
+
+    seq: Sequence
+    hashes: list[BlockHash]
+    payloads: list[bytes]
+    events: asyncio.Queue[Any]
+    submitted: float
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """First event of a request: when work on it started and what local prefill cost."""
+
+    started: float
+    prefill_ms: float
+
+
+class BatchScheduler:
+    """Runs ``engine`` on one thread; ``publish`` gets blocks computed by local prefill."""
+
+    def __init__(self, engine: LLMEngine, metrics: WorkerMetrics, publish: Publish | None) -> None:
+        self.engine = engine
+        self._metrics = metrics
+        self._publish = publish
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._queues: dict[str, asyncio.Queue[Any]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="compute", daemon=True)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._inbox.put(lambda: None)
+        self._thread.join(timeout=10)
+
+    def submit(self, admission: Admission) -> None:
+        """Queue ``admission``; its events arrive on ``admission.events``."""
+        self._inbox.put(lambda: self._admit(admission))
+
+    def abort(self, seq_id: str) -> None:
+        """Drop the sequence and free its KV before the next step."""
+        self._inbox.put(lambda: self._abort(seq_id))
+
+    # -- on the compute thread ---------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._apply_messages(block=not self.engine.has_unfinished)
+            if self.engine.has_unfinished:
+                self._step()
+
+    def _apply_messages(self, block: bool) -> None:
+        try:
+            message = self._inbox.get(timeout=1.0) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            message()
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _send(self, events: asyncio.Queue[Any], item: object) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(events.put_nowait, item)
+
+    def _admit(self, a: Admission) -> None:
+        started = time.monotonic()
+        runner = self.engine.runner
+        try:
+            runner.import_blocks(a.seq, a.payloads)
+            computed = prefill_full_blocks(runner, a.seq, len(a.hashes))
+            exported = export_blocks(runner, a.seq, len(a.payloads), len(a.hashes)) \
+                if computed and self._publish else []
+            self.engine.add(a.seq)
+        except Exception as exc:  # noqa: BLE001 - the request gets it, the batch goes on
+            runner.free(a.seq)
+            self._send(a.events, exc)
+            return
+        self._queues[a.seq.seq_id] = a.events
+        self._send(a.events, Admitted(started, (time.monotonic() - started) * 1000))
+        if exported and self._publish:
+            self._publish(a.hashes[len(a.payloads):], exported)
+
+    def _abort(self, seq_id: str) -> None:
+        if self._queues.pop(seq_id, None) is not None:
+            self.engine.abort(seq_id)
+            self._metrics.kv_used.set(used_blocks(self.engine.runner))
+
+    def _step(self) -> None:
+        try:
+            outputs: list[StepOutput] = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - fail the batch's requests, keep serving
+            log.exception("engine step failed; failing the batch")
+            self._fail_all(exc)
+            return
+        for out in outputs:
+            events = self._queues.get(out.seq_id)
+            if events is not None:
+                self._send(events, out)
+            if out.finished:
+                self._queues.pop(out.seq_id, None)
+        self._metrics.kv_used.set(used_blocks(self.engine.runner))
+
+    def _fail_all(self, exc: Exception) -> None:
+        for seq_id, events in list(self._queues.items()):
+            self.engine.abort(seq_id)
+            self._send(events, exc)
+        self._queues.clear()

@@ -1,0 +1,67 @@
+"""Run a decode worker: load the model, start the batch thread, serve ``kvrelay.v1.Generation``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from decode_service.config import DecodeConfig
+from decode_service.prefill_client import PrefillClient
+from decode_service.requests import GenerationRequest
+from decode_service.servicer import GenerationServicer
+from decode_service.worker import DecodeWorker
+from engine.engine import LLMEngine
+from engine.sampling import SamplingParams
+from kvrelay.serving.lifecycle import Lifecycle
+from kvrelay.serving.metrics import WorkerMetrics
+from kvrelay.serving.runtime import Runtime, build_runtime
+from kvrelay.serving.server import build_server, serve
+from protos.kvrelay.v1 import generation_pb2, generation_pb2_grpc
+
+log = logging.getLogger("kvrelay.decode")
+SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+
+
+def build_worker(config: DecodeConfig, runtime: Runtime) -> DecodeWorker:
+    """The worker and its batch thread (started on the running loop)."""
+    engine = LLMEngine(runtime.runner, runtime.loaded.tokenizer,
+                       max_batch_size=config.max_batch_size)
+    prefill = PrefillClient(config.prefill_addr, config.max_message_bytes) \
+        if config.prefill_addr else None
+    worker = DecodeWorker(runtime, config, engine, prefill)
+    worker.scheduler.start(asyncio.get_running_loop())
+    return worker
+
+
+async def warm(worker: DecodeWorker) -> None:
+    """One short generation through the batch thread, so the first request pays no warm-up."""
+    request = GenerationRequest(request_id="warm-up", input_field="token_ids",
+                                params=SamplingParams(max_new_tokens=2), token_ids=(1, 2, 3))
+    await worker.generate(request, None)
+
+
+async def run(config: DecodeConfig) -> None:
+    """Serve until SIGTERM/SIGINT, then drain within ``config.drain_grace_s``."""
+    metrics = WorkerMetrics()
+    metrics.serve(config.host, config.metrics_port)
+    lifecycle = Lifecycle([SERVICE_NAME])
+    servicer = GenerationServicer()
+
+    def register(server: grpc.aio.Server) -> None:
+        generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
+
+    server = build_server(lifecycle, [SERVICE_NAME], config.max_message_bytes, register)
+
+    async def warm_up() -> None:
+        runtime = await asyncio.to_thread(build_runtime, config, metrics)
+        servicer.worker = build_worker(config, runtime)
+        await warm(servicer.worker)
+
+    def on_stop() -> None:
+        if servicer.worker is not None:
+            servicer.worker.scheduler.stop()
+            servicer.worker.runtime.close()
+
+    await serve(server, lifecycle, config.address, config.drain_grace_s, warm_up, on_stop)

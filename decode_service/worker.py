@@ -1,0 +1,245 @@
+"""The decode worker's request path (DESIGN.md, "The request path").
+
+tokenize and check -> hash full blocks -> look up the longest cached prefix -> if enough
+is uncached, ask a prefill worker (with a deadline; on failure prefill locally and count
+it) -> fetch the verified blocks -> admit to the batch (import, prefill what is still
+missing, publish what was computed here) -> stream tokens. Every check that can fail a
+request runs before any compute or store I/O. Cancellation anywhere frees the KV at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from cachestore.hashing import BlockHash
+from decode_service.config import DecodeConfig
+from decode_service.prefill_client import PrefillClient
+from decode_service.requests import Completion, GenerationRequest, TokenDelta, Timings, Usage
+from decode_service.scheduler import Admission, Admitted, BatchScheduler
+from engine.engine import LLMEngine, StepOutput
+from engine.kv import OutOfBlocks
+from engine.sampling import InvalidRequest, InvalidSamplingParams
+from engine.sequence import Sequence
+from kvrelay.serving.errors import ServiceError, invalid_argument
+from kvrelay.serving.kvblocks import collect_payloads
+from kvrelay.serving.runtime import Runtime
+
+log = logging.getLogger("kvrelay.decode")
+_DEADLINE_MARGIN_S = 0.05
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the store and the prefill worker gave a request before it joins the batch."""
+
+    hashes: list[BlockHash]
+    cached_blocks: int
+    payloads: list[bytes]
+    prefill_ms: float
+    fetch_ms: float
+
+
+class DecodeWorker:
+    """Runs requests through the store, the prefill worker and the continuous batch."""
+
+    def __init__(self, runtime: Runtime, config: DecodeConfig, engine: LLMEngine,
+                 prefill: PrefillClient | None) -> None:
+        self.runtime = runtime
+        self.config = config
+        self.scheduler = scheduler = BatchScheduler(
+            engine, runtime.metrics, self.publish if config.redis_url else None)
+        self.prefill_client = prefill
+        self.active = 0
+        runtime.metrics.running.set_function(lambda: len(scheduler.engine.running))
+        runtime.metrics.waiting.set_function(
+            lambda: max(0, self.active - len(scheduler.engine.running)))
+
+    async def generate(self, req: GenerationRequest, time_left_s: float | None) -> Completion:
+        """Run ``req`` to the end and answer once."""
+        deltas: list[TokenDelta] = []
+        async for item in self.stream(req, time_left_s, method="generate"):
+            if isinstance(item, Completion):
+                return Completion(item.request_id, item.finish_reason, item.usage, item.timings,
+                                  text="".join(d.text for d in deltas),
+                                  token_ids=[t for d in deltas for t in d.token_ids],
+                                  logprobs=[p for d in deltas for p in d.logprobs])
+            deltas.append(item)
+        raise RuntimeError("the request ended without a completion")
+
+    async def stream(self, req: GenerationRequest, time_left_s: float | None,
+                     method: str = "stream") -> AsyncIterator[TokenDelta | Completion]:
+        """Yield a ``TokenDelta`` per sampled token, then one ``Completion``."""
+        arrived = time.monotonic()
+        if self.active >= self.config.max_requests:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"more than {self.config.max_requests} requests in flight")
+        self.active += 1
+        try:
+            async for item in self._stream(req, arrived, time_left_s):
+                yield item
+            self.runtime.metrics.request_latency.labels(method).observe(time.monotonic() - arrived)
+        finally:
+            self.active -= 1
+
+    async def _stream(self, req: GenerationRequest, arrived: float,
+                      time_left_s: float | None) -> AsyncIterator[TokenDelta | Completion]:
+        token_ids = await asyncio.to_thread(self._prompt_ids, req)
+        plan = await self._plan(req, token_ids, arrived, time_left_s)
+        seq = Sequence(uuid.uuid4().hex, token_ids, req.params)
+        events: asyncio.Queue[object] = asyncio.Queue()
+        self.scheduler.submit(Admission(seq, plan.hashes, plan.payloads, events, time.monotonic()))
+        finished = False
+        try:
+            async for item in self._follow(req, seq, plan, events, arrived):
+                finished = isinstance(item, Completion)
+                yield item
+        finally:
+            if not finished:
+                self.scheduler.abort(seq.seq_id)
+
+    # -- before any compute: the prompt and its checks ---------------------------------
+
+    def _prompt_ids(self, req: GenerationRequest) -> list[int]:
+        tokenizer = self.runtime.loaded.tokenizer
+        if req.token_ids is not None:
+            ids = list(req.token_ids)
+        elif req.messages is not None:
+            rendered = tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in req.messages])
+            ids = tokenizer.encode(rendered, add_special_tokens=False)
+        else:
+            ids = tokenizer.encode(req.text or "")
+        self._check(req, ids)
+        return ids
+
+    def _check(self, req: GenerationRequest, ids: list[int]) -> None:
+        cfg = self.runtime.loaded.config
+        field = req.input_field
+        if not ids:
+            raise invalid_argument(field, "encodes to no tokens")
+        if min(ids) < 0 or max(ids) >= cfg.vocab_size:
+            raise invalid_argument(field, f"token ids must be in [0, {cfg.vocab_size})")
+        if len(ids) >= cfg.max_position_embeddings:
+            raise invalid_argument(field, f"{len(ids)} tokens do not fit the context window of "
+                                          f"{cfg.max_position_embeddings}")
+        try:
+            req.params.validate(cfg.vocab_size)
+        except InvalidSamplingParams as exc:
+            raise invalid_argument(f"sampling.{exc.field}", exc.message) from exc
+        total = min(len(ids) + req.params.max_new_tokens, cfg.max_position_embeddings)
+        if -(-total // self.runtime.spec.block_size) > self.config.num_blocks:
+            raise invalid_argument("sampling.max_new_tokens",
+                                   "prompt plus max_new_tokens exceeds this worker's KV pool")
+
+    # -- store and prefill worker -------------------------------------------------------
+
+    async def _plan(self, req: GenerationRequest, ids: list[int], arrived: float,
+                    time_left_s: float | None) -> _Plan:
+        rt = self.runtime
+        bs = rt.spec.block_size
+        hashes = rt.cache.block_hashes(ids, req.cache_salt)
+        cached = await rt.on_store("lookup", rt.cache.lookup, hashes) if hashes else 0
+        rt.metrics.queried_tokens.inc(len(hashes) * bs)
+        started = time.monotonic()
+        available = await self._remote_prefill(req, ids, hashes, cached, arrived, time_left_s)
+        prefill_ms = (time.monotonic() - started) * 1000
+        payloads: list[bytes] = []
+        started = time.monotonic()
+        if available:
+            await rt.on_store("fetch", rt.cache.fetch_prefix, hashes[:available],
+                              collect_payloads(payloads))
+        hit = min(cached, len(payloads))
+        rt.metrics.hit_tokens.inc(hit * bs)
+        return _Plan(hashes, hit, payloads, prefill_ms, (time.monotonic() - started) * 1000)
+
+    async def _remote_prefill(self, req: GenerationRequest, ids: list[int],
+                              hashes: list[BlockHash], cached: int, arrived: float,
+                              time_left_s: float | None) -> int:
+        """Blocks now in the store: after a Prefill call when worth it, else ``cached``."""
+        bs = self.runtime.spec.block_size
+        uncached = len(ids) - cached * bs
+        if (self.prefill_client is None or cached == len(hashes)
+                or uncached < self.config.prefill_threshold_tokens):
+            return cached
+        timeout = self.config.prefill_timeout_s
+        if time_left_s is not None:
+            timeout = min(timeout, time_left_s - (time.monotonic() - arrived) - _DEADLINE_MARGIN_S)
+        stored, reason = (None, "deadline_exceeded") if timeout <= 0 else \
+            await self.prefill_client.prefill(ids, req.cache_salt, hashes,
+                                               self.runtime.spec.fingerprint, req.request_id, timeout)
+        if stored is None:
+            self.runtime.metrics.fallbacks.labels(reason).inc()
+            log.warning("prefill worker failed; prefilling locally",
+                        extra={"request_id": req.request_id, "reason": reason})
+            return cached
+        return min(len(hashes), max(cached, stored // bs))
+
+    def publish(self, hashes: list[BlockHash], payloads: list[np.ndarray]) -> None:
+        """Publish blocks computed here (called on the compute thread; runs on the store pool)."""
+        rt = self.runtime
+        rt.store_io.submit(_publish, rt, hashes, payloads)
+
+    # -- following the batch ------------------------------------------------------------
+
+    async def _follow(self, req: GenerationRequest, seq: Sequence, plan: _Plan,
+                      events: asyncio.Queue[object], arrived: float
+                      ) -> AsyncIterator[TokenDelta | Completion]:
+        admitted: Admitted | None = None
+        first = last = 0.0
+        count = 0
+        while True:
+            event = await events.get()
+            if isinstance(event, Exception):
+                raise _as_service_error(event, req.input_field)
+            if isinstance(event, Admitted):
+                admitted = event
+                continue
+            assert isinstance(event, StepOutput) and admitted is not None
+            now = time.monotonic()
+            if count:
+                self.runtime.metrics.inter_token.observe(now - last)
+            else:
+                first = now
+                self.runtime.metrics.ttft.observe(now - arrived)
+            last, count = now, count + 1
+            yield TokenDelta(event.text, [event.token_id],
+                             [] if event.logprob is None else [event.logprob])
+            if event.finished:
+                yield self._completion(req, seq, plan, admitted, arrived, first, last, count,
+                                       event.finish_reason or "stop")
+                return
+
+    def _completion(self, req: GenerationRequest, seq: Sequence, plan: _Plan, admitted: Admitted,
+                    arrived: float, first: float, last: float, count: int,
+                    reason: str) -> Completion:
+        bs = self.runtime.spec.block_size
+        timings = Timings(queue_ms=(admitted.started - arrived) * 1000 - plan.prefill_ms - plan.fetch_ms,
+                          prefill_ms=plan.prefill_ms + admitted.prefill_ms,
+                          kv_fetch_ms=plan.fetch_ms,
+                          time_to_first_token_ms=(first - arrived) * 1000,
+                          decode_ms=(last - first) * 1000)
+        usage = Usage(seq.prompt_len, plan.cached_blocks * bs, count)
+        return Completion(req.request_id, reason, usage, timings)
+
+
+def _as_service_error(exc: Exception, input_field: str) -> Exception:
+    if isinstance(exc, InvalidSamplingParams):
+        return invalid_argument(f"sampling.{exc.field}", exc.message)
+    if isinstance(exc, InvalidRequest):
+        field = input_field if exc.field == "prompt" else f"sampling.{exc.field}"
+        return invalid_argument(field, exc.message)
+    if isinstance(exc, OutOfBlocks):
+        return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "KV pool is full")
+    return exc
+
+
+def _publish(rt: Runtime, hashes: list[BlockHash], payloads: list[np.ndarray]) -> None:
+    rt.metrics.published_blocks.inc(rt.cache.publish(hashes, payloads))
