@@ -133,7 +133,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _check_vocab(config: ModelConfig, tokenizer: Tokenizer) -> None:
     if tokenizer.vocab_size > config.vocab_size:
-        raise ModelLoadError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's "
+        raise TokenizerLoadError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's "
                              f"vocab_size is {config.vocab_size}")
 
 
