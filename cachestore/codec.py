@@ -27,12 +27,17 @@ import math
 import struct
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import xxhash
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    import numpy as np
     from typing_extensions import Buffer
+
+    Payload: TypeAlias = Buffer | np.ndarray
 
 MAGIC = b"KVRB"
 CODEC_VERSION = 1
@@ -106,8 +111,8 @@ class BlockSpec:
         return HEADER_SIZE + self.payload_nbytes
 
 
-def _byte_view(payload: Buffer) -> memoryview:
-    view = memoryview(payload)
+def _byte_view(payload: Payload) -> memoryview:
+    view = memoryview(cast("Buffer", payload))  # numpy arrays export the buffer protocol
     if not view.c_contiguous:
         raise ValueError("payload must be C-contiguous")
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
@@ -119,7 +124,7 @@ def _checksum(header_prefix: Buffer, payload: Buffer) -> int:
     return digest.intdigest()
 
 
-def encode_block(spec: BlockSpec, block_hash: bytes, payload: Buffer) -> list[Buffer]:
+def encode_block(spec: BlockSpec, block_hash: bytes, payload: Payload) -> list[Buffer]:
     """``[header, payload]`` of one stored value; the payload is sent as it is, not copied."""
     data = _byte_view(payload)
     if data.nbytes != spec.payload_nbytes:

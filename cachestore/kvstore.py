@@ -21,7 +21,7 @@ from cachestore.stats import CacheStats
 from cachestore.store import BlockStore
 
 if TYPE_CHECKING:
-    from typing_extensions import Buffer
+    from cachestore.codec import Payload
 
 DEFAULT_BLOCK_SIZE = 64
 """Tokens per block. Measured with ``python -m bench.cachestore --block-sizes 16,32,64``
@@ -79,7 +79,7 @@ class PrefixCache:
         self._count_fetch(fetched, len(hashes), time.monotonic() - started)
         return fetched
 
-    def publish(self, hashes: Sequence[BlockHash], payloads: Sequence[Buffer]) -> int:
+    def publish(self, hashes: Sequence[BlockHash], payloads: Sequence[Payload]) -> int:
         """Store ``payloads[i]`` as block ``hashes[i]`` (SET NX); returns how many were new."""
         started = time.monotonic()
         written = 0

@@ -155,14 +155,16 @@ class RedisBlockStore:
         return cls(replace(StoreConfig(), url=url, **options), stats)
 
     def lookup_prefix(self, keys: Sequence[str]) -> int:
-        commands = [[pack_command(b"EXISTS", key)] for key in _encode(keys)]
-        replies = self._call("lookup", _encode(keys), commands, None)
+        encoded = _encode(keys)
+        commands = [[pack_command(b"EXISTS", key)] for key in encoded]
+        replies = self._call("lookup", encoded, commands, None)
         return next((i for i, r in enumerate(replies) if r != 1), len(replies))
 
     def get_many(self, keys: Sequence[str], *, arena: Arena | None = None
                  ) -> list[memoryview | None]:
-        commands = [[pack_command(b"GET", key)] for key in _encode(keys)]
-        replies = self._call("get", _encode(keys), commands, arena)
+        encoded = _encode(keys)
+        commands = [[pack_command(b"GET", key)] for key in encoded]
+        replies = self._call("get", encoded, commands, arena)
         values = [memoryview(r) if isinstance(r, (bytes, memoryview)) else None
                   for r in replies]
         self.stats.add("bytes_read", sum(v.nbytes for v in values if v is not None))
@@ -182,7 +184,7 @@ class RedisBlockStore:
     def close(self) -> None:
         self._router.close()
 
-    def _call(self, op: str, keys: Sequence[bytes], commands: list[list[Buffer]],
+    def _call(self, op: str, keys: Sequence[bytes], commands: Sequence[Sequence[Buffer]],
               arena: Arena | None) -> list[Reply]:
         replies: list[Reply] = [None] * len(commands)
         if not commands:
@@ -197,12 +199,12 @@ class RedisBlockStore:
                 got = self._exchange(pool, [commands[i] for i in indices], arena, deadline)
                 for index, reply in zip(indices, got):
                     replies[index] = reply
-        except Exception as exc:  # a cache problem must never fail a request
+        except Exception as exc:  # noqa: BLE001 (a cache problem must never fail a request)
             self._failed(op, exc)
         self.stats.add_seconds(op, time.monotonic() - started)
         return self._count_reply_errors(op, replies)
 
-    def _exchange(self, pool: Any, commands: list[list[Buffer]], arena: Arena | None,
+    def _exchange(self, pool: Any, commands: list[Sequence[Buffer]], arena: Arena | None,
                   deadline: float) -> list[Reply]:
         conn = pool.get_connection()
         try:

@@ -130,6 +130,7 @@ class ReplyReader:
         raise ConnectionError(f"unexpected reply type {kind!r}")
 
     def _bulk(self, length: int, arena: Arena | None) -> bytes | memoryview:
+        value: bytes | memoryview
         if arena is None or length <= _SMALL:
             value = bytes(self._exactly(length))
         else:

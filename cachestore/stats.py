@@ -21,7 +21,7 @@ class CacheStats:
     def __init__(self, log_interval_s: float = 30.0) -> None:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
-        self._seconds: Counter[str] = Counter()
+        self._seconds: dict[str, float] = {}
         self._errors: Counter[str] = Counter()
         self._integrity: Counter[str] = Counter()
         self._log = _RateLimitedLog(log_interval_s)
@@ -33,7 +33,7 @@ class CacheStats:
 
     def add_seconds(self, op: str, seconds: float) -> None:
         with self._lock:
-            self._seconds[op] += seconds
+            self._seconds[op] = self._seconds.get(op, 0.0) + seconds
 
     def error(self, kind: str, detail: object, count: int = 1) -> None:
         """Count a store error (a miss or a dropped write) and log it without flooding."""

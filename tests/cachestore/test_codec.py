@@ -9,7 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachestore.codec import (
-    CODEC_VERSION, HEADER_SIZE, MAGIC, BlockRejected, BlockSpec, RejectReason, decode_block,
+    CODEC_VERSION,
+    HEADER_SIZE,
+    MAGIC,
+    BlockRejected,
+    BlockSpec,
+    RejectReason,
+    decode_block,
     encode_block,
 )
 from cachestore.hashing import hash_block_chain

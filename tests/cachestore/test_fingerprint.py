@@ -6,8 +6,8 @@ from cachestore.codec import CODEC_VERSION, LAYOUT
 from cachestore.fingerprint import model_fingerprint
 
 CONFIG = '{"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2}'
-BASE = dict(config_json=CONFIG, weights_digest="w0", kv_dtype="float32", block_size=64,
-            layout=LAYOUT, codec_version=CODEC_VERSION)
+BASE = {"config_json": CONFIG, "weights_digest": "w0", "kv_dtype": "float32",
+        "block_size": 64, "layout": LAYOUT, "codec_version": CODEC_VERSION}
 
 
 def test_fingerprint_is_32_hex_digits() -> None:

@@ -41,7 +41,7 @@ def test_publish_is_idempotent(cache: PrefixCache) -> None:
 
 
 def test_missing_middle_block_ends_the_prefix(cache: PrefixCache) -> None:
-    hashes, payloads = _publish_all(cache)
+    hashes, _ = _publish_all(cache)
     del cache.store.values[cache.keys(hashes)[3]]  # type: ignore[attr-defined]
     sink = Collect()
     assert cache.lookup(hashes) == 3

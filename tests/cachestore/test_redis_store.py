@@ -6,7 +6,6 @@ import contextlib
 import time
 
 import numpy as np
-import pytest
 
 from cachestore.codec import BlockSpec
 from cachestore.kvstore import PrefixCache
