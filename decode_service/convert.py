@@ -39,7 +39,7 @@ def _sampling(s: pb.SamplingParams, max_new_tokens_limit: int) -> SamplingParams
     return SamplingParams(max_new_tokens=max_new, temperature=temperature, top_k=top_k,
                           top_p=top_p, seed=s.seed if s.HasField("seed") else None,
                           stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
-                          logprobs=s.logprobs)
+                          logprobs=s.logprobs, ignore_eos=s.ignore_eos)
 
 
 def _input(request: pb.GenerateRequest, max_prompt_chars: int) -> dict[str, object]:

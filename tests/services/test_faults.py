@@ -1,0 +1,118 @@
+"""Worker faults and limits: prefill down, cancellation, overload, draining on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kvrelay.cluster import free_port
+from kvrelay.healthcheck import is_serving
+from protos.kvrelay.v1 import generation_pb2 as pb
+from protos.kvrelay.v1 import generation_pb2_grpc as pb_grpc
+from tests.services.conftest import Reference, Worker, start_worker
+from tests.support.redis_server import RedisServer
+
+PROMPT = "The prefill worker may be gone, but the request must still be answered. " * 3
+
+
+def _long_request(max_new_tokens: int = 1500) -> pb.GenerateRequest:
+    return pb.GenerateRequest(prompt="Tell a very long story.", sampling=pb.SamplingParams(
+        max_new_tokens=max_new_tokens, ignore_eos=True))
+
+
+def _wait_for(condition, timeout_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_requests_succeed_by_local_prefill_when_the_prefill_worker_is_down(
+        store: RedisServer, tiny_model_dir: Path, tmp_path: Path, reference: Reference) -> None:
+    prefill = start_worker("prefill", tiny_model_dir, store.url(), tmp_path)
+    decode = start_worker("decode", tiny_model_dir, store.url(), tmp_path,
+                          prefill_addr=prefill.addr, extra=("--prefill-timeout-s", "2"))
+    try:
+        prefill.stop()
+        request = pb.GenerateRequest(prompt=PROMPT, cache_salt="fallback",
+                                     sampling=pb.SamplingParams(max_new_tokens=8))
+        with decode.channel() as channel:
+            reply = pb_grpc.GenerationStub(channel).Generate(request, timeout=30)
+        ids = reference.tokenizer.encode(PROMPT)
+        assert list(reply.token_ids) == reference.greedy(ids, 8)
+        assert decode.metric("kvrelay_local_prefill_fallbacks_total") == 1
+        # decode published what it computed itself: the same prompt is now a hit
+        _wait_for(lambda: decode.metric("kvrelay_published_blocks_total") >= len(ids) // 16)
+        with decode.channel() as channel:
+            again = pb_grpc.GenerationStub(channel).Generate(request, timeout=30)
+        assert again.usage.cached_prompt_tokens == len(ids) // 16 * 16
+        assert list(again.token_ids) == list(reply.token_ids)
+    finally:
+        decode.stop()
+        prefill.stop()
+
+
+@pytest.fixture(scope="module")
+def lone_decode(store: RedisServer, tiny_model_dir: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Worker:
+    worker = start_worker("decode", tiny_model_dir, store.url(),
+                          tmp_path_factory.mktemp("lone"), extra=("--max-requests", "2"))
+    yield worker
+    worker.stop()
+
+
+def test_a_cancelled_stream_frees_its_kv(lone_decode: Worker) -> None:
+    with lone_decode.channel() as channel:
+        call = pb_grpc.GenerationStub(channel).GenerateStream(_long_request(), timeout=60)
+        next(call)
+        assert lone_decode.metric("kvrelay_kv_pool_used_blocks") > 0
+        call.cancel()
+    _wait_for(lambda: lone_decode.metric("kvrelay_kv_pool_used_blocks") == 0)
+    _wait_for(lambda: lone_decode.metric("kvrelay_running_requests") == 0)
+
+
+def test_a_deadline_ends_the_request_and_frees_its_kv(lone_decode: Worker) -> None:
+    with lone_decode.channel() as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.GenerationStub(channel).Generate(_long_request(), timeout=0.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    _wait_for(lambda: lone_decode.metric("kvrelay_kv_pool_used_blocks") == 0)
+
+
+def test_requests_beyond_the_limit_are_resource_exhausted(lone_decode: Worker) -> None:
+    with lone_decode.channel() as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        calls = [stub.GenerateStream(_long_request(), timeout=60) for _ in range(2)]
+        for call in calls:
+            next(call)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(pb.GenerateRequest(prompt="one too many"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for call in calls:
+            call.cancel()
+    _wait_for(lambda: lone_decode.metric("kvrelay_kv_pool_used_blocks") == 0)
+
+
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
+        store: RedisServer, tiny_model_dir: Path, tmp_path: Path) -> None:
+    decode = start_worker("decode", tiny_model_dir, store.url(), tmp_path)
+    try:
+        with decode.channel() as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            call = stub.GenerateStream(_long_request(max_new_tokens=150), timeout=60)
+            next(call)
+            decode.process.send_signal(signal.SIGTERM)
+            _wait_for(lambda: not is_serving(decode.addr))
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Generate(pb.GenerateRequest(prompt="late"), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            rest = list(call)
+        assert rest[-1].usage.completion_tokens == 150
+        assert decode.process.wait(timeout=30) == 0
+    finally:
+        decode.stop()
