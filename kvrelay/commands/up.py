@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
-import threading
+import time
 
 from kvrelay.cluster import ClusterSpec, Endpoints, LocalCluster
 
@@ -38,26 +38,29 @@ def print_endpoints(ep: Endpoints) -> None:
     print(f"try:     kvrelay generate --addr {ep.decode} \"Hello\"", flush=True)
 
 
-def _wait_for_signal(cluster: LocalCluster) -> None:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        if not cluster.running():
-            print("a cluster process exited; stopping", flush=True)
-            return
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _wait(cluster: LocalCluster) -> None:
+    while cluster.running():
+        time.sleep(1.0)
+    print("a cluster process exited; stopping", flush=True)
 
 
 def main(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the cluster like Ctrl-C
     spec = ClusterSpec(model=resolve_model(args.model), decode_port=args.port,
                        prefill_port=args.prefill_port, redis_url=args.redis_url,
                        redis_maxmemory=args.redis_maxmemory, ready_timeout_s=args.ready_timeout)
     cluster = LocalCluster(spec, progress=lambda line: print(line, flush=True))
-    with cluster:
-        assert cluster.endpoints is not None
-        print_endpoints(cluster.endpoints)
-        print("cluster is up; Ctrl-C stops it", flush=True)
-        _wait_for_signal(cluster)
-        print("stopping ...", flush=True)
-    print("stopped", flush=True)
-    return 0
+    try:
+        with cluster:
+            assert cluster.endpoints is not None
+            print_endpoints(cluster.endpoints)
+            print("cluster is up; Ctrl-C stops it", flush=True)
+            _wait(cluster)
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+        return 0
+    return 1

@@ -1,0 +1,64 @@
+"""``kvrelay up`` starts a local cluster that ``kvrelay generate`` talks to; SIGTERM stops it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kvrelay.cluster import free_port
+from kvrelay.healthcheck import is_serving
+
+
+def _read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float) -> list[str]:
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip())
+        if marker in line:
+            return lines
+    raise AssertionError(f"no {marker!r} from kvrelay up:\n" + "\n".join(lines))
+
+
+def _kvrelay(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kvrelay", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_up_then_generate(tiny_model_dir: Path) -> None:
+    port = free_port()
+    addr = f"127.0.0.1:{port}"
+    up = subprocess.Popen([sys.executable, "-m", "kvrelay", "up", "--model", str(tiny_model_dir),
+                           "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    try:
+        lines = _read_until(up, "cluster is up", timeout_s=120)
+        assert any(line.startswith("decode") and addr in line for line in lines)
+        assert any(line.startswith("redis") and "redis://127.0.0.1:" in line for line in lines)
+
+        as_json = _kvrelay("generate", "--addr", addr, "--json", "--max-tokens", "5", "Hello there")
+        assert as_json.returncode == 0, as_json.stderr
+        reply = json.loads(as_json.stdout)
+        assert len(reply["token_ids"]) == reply["usage"]["completion_tokens"] <= 5
+        assert reply["finish_reason"] in ("FINISH_REASON_STOP", "FINISH_REASON_LENGTH")
+
+        streamed = _kvrelay("generate", "--addr", addr, "--max-tokens", "5", "--chat", "Hello")
+        assert streamed.returncode == 0, streamed.stderr
+        assert "tokens, prompt" in streamed.stderr
+    finally:
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0
+    assert not is_serving(addr, timeout_s=1.0)
+
+
+def test_generate_reports_an_unreachable_worker() -> None:
+    result = _kvrelay("generate", "--addr", f"127.0.0.1:{free_port()}", "--timeout", "2", "Hi")
+    assert result.returncode == 1
+    assert "UNAVAILABLE" in result.stderr or "DEADLINE_EXCEEDED" in result.stderr
