@@ -100,7 +100,7 @@ def write_tiny_model(out_dir: str | Path, *, architecture: str = "LlamaForCausal
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer()
-    ids = {tok: tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS}
+    ids = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}  # the trainer puts them first
     config = _config(architecture, tokenizer.get_vocab_size(), ids, overrides)
     tokenizer.save(str(out / "tokenizer.json"))
     _write_json(out / "config.json", config)

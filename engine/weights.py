@@ -87,7 +87,7 @@ def _locate(files: list[Path]) -> dict[str, Path]:
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as st:
-                located.update((name, f) for name in st.keys())
+                located.update((name, f) for name in st.keys())  # noqa: SIM118 (not iterable)
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise WeightsError(f"{f.name} is not a valid safetensors file: {e}") from e
     return located
