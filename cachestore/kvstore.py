@@ -2,9 +2,10 @@
 
 The decode worker asks how long a prompt's cached prefix is (``lookup``) and pulls it
 (``fetch_prefix``); the prefill worker pushes the blocks it computed (``publish``).
-Values are fetched in pipelined batches of about ``batch_bytes`` into one reusable
-receive buffer per thread, verified one by one, and each verified payload is handed
-to the caller's sink in order; the first missing or invalid block ends the prefix.
+Values are requested in pipelined batches of about ``batch_bytes`` and streamed: each
+one is received into a reusable per-thread buffer, verified and handed to the caller's
+sink as soon as it has arrived, while the next ones are still on the wire. The first
+missing or invalid block ends the prefix.
 """
 
 from __future__ import annotations
@@ -66,13 +67,10 @@ class PrefixCache:
     def fetch_prefix(self, hashes: Sequence[BlockHash], sink: Sink) -> int:
         """Hand every block of the longest verified prefix to ``sink``; returns its length."""
         started = time.monotonic()
-        arena = self._arena()
         fetched = 0
         for start in range(0, len(hashes), self._batch_blocks):
             batch = hashes[start:start + self._batch_blocks]
-            arena.reset()
-            values = self.store.get_many(self.keys(batch), arena=arena)
-            accepted = self._accept(start, batch, values, sink)
+            accepted = self._fetch_batch(start, batch, sink)
             fetched += accepted
             if accepted < len(batch):
                 break
@@ -91,19 +89,30 @@ class PrefixCache:
         self.stats.add_seconds("publish", time.monotonic() - started)
         return written
 
-    def _accept(self, start: int, batch: Sequence[BlockHash],
-                values: Sequence[memoryview | None], sink: Sink) -> int:
-        for offset, (block_hash, value) in enumerate(zip(batch, values)):
-            if value is None:
-                return offset
-            try:
-                payload = decode_block(value, self.spec, block_hash)
-            except BlockRejected as rejected:
-                self.stats.integrity(rejected.reason.value,
-                                     block_key(self.spec.fingerprint, block_hash))
-                return offset
-            sink(start + offset, payload)
-        return len(batch)
+    def _fetch_batch(self, start: int, batch: Sequence[BlockHash], sink: Sink) -> int:
+        accepted = 0
+
+        def visit(offset: int, value: memoryview | None) -> bool:
+            nonlocal accepted
+            if value is None or not self._verify_into(start + offset, batch[offset], value,
+                                                      sink):
+                return False
+            accepted += 1
+            return True
+
+        self.store.get_each(self.keys(batch), visit, arena=self._arena())
+        return accepted
+
+    def _verify_into(self, index: int, block_hash: BlockHash, value: memoryview,
+                     sink: Sink) -> bool:
+        try:
+            payload = decode_block(value, self.spec, block_hash)
+        except BlockRejected as rejected:
+            self.stats.integrity(rejected.reason.value,
+                                 block_key(self.spec.fingerprint, block_hash))
+            return False
+        sink(index, payload)
+        return True
 
     def _count_fetch(self, fetched: int, wanted: int, seconds: float) -> None:
         self.stats.add("hits", fetched)

@@ -15,11 +15,10 @@ misses. After a connection failure or timeout, calls return misses at once for
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -27,9 +26,10 @@ from redis.cluster import RedisCluster
 from redis.exceptions import AuthenticationError, AuthorizationError, RedisClusterException
 
 from cachestore.arena import Arena
-from cachestore.resp import Reply, ReplyError, ReplyReader, pack_command, pack_set, send_buffers
+from cachestore.pipeline import OnReply, Route, run_pipeline
+from cachestore.resp import Reply, ReplyError, pack_command, pack_set
 from cachestore.stats import CacheStats
-from cachestore.store import PutItem
+from cachestore.store import PutItem, Visit
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -60,7 +60,6 @@ class StoreConfig:
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def redis_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for redis-py's pools and cluster client."""
@@ -71,7 +70,7 @@ class StoreConfig:
         if self.url.startswith("rediss://"):
             kwargs.update(ssl_ca_certs=self.tls_ca_file, ssl_certfile=self.tls_cert_file,
                           ssl_keyfile=self.tls_key_file)
-        return kwargs | self.extra
+        return kwargs
 
 
 class _Standalone:
@@ -82,7 +81,7 @@ class _Standalone:
             config.url, max_connections=config.max_connections, timeout=config.timeout_s,
             **config.redis_kwargs())
 
-    def route(self, keys: Sequence[bytes]) -> list[tuple[Any, list[int]]]:
+    def route(self, keys: Sequence[bytes]) -> Route:
         return [(self._pool, list(range(len(keys))))]
 
     def reset(self) -> None:
@@ -108,7 +107,7 @@ class _Cluster:
                     **self._config.redis_kwargs())
             return self._client
 
-    def route(self, keys: Sequence[bytes]) -> list[tuple[Any, list[int]]]:
+    def route(self, keys: Sequence[bytes]) -> Route:
         client = self._cluster()
         groups: dict[str, tuple[Any, list[int]]] = {}
         for index, key in enumerate(keys):
@@ -155,28 +154,45 @@ class RedisBlockStore:
         return cls(replace(StoreConfig(), url=url, **options), stats)
 
     def lookup_prefix(self, keys: Sequence[str]) -> int:
+        present = 0
+
+        def on_reply(index: int, reply: Reply) -> bool:
+            nonlocal present
+            present += reply == 1
+            return reply == 1
+
         encoded = _encode(keys)
-        commands = [[pack_command(b"EXISTS", key)] for key in encoded]
-        replies = self._call("lookup", encoded, commands, None)
-        return next((i for i, r in enumerate(replies) if r != 1), len(replies))
+        self._call("lookup", encoded, [[pack_command(b"EXISTS", k)] for k in encoded], on_reply)
+        return present
 
     def get_many(self, keys: Sequence[str], *, arena: Arena | None = None
                  ) -> list[memoryview | None]:
-        encoded = _encode(keys)
-        commands = [[pack_command(b"GET", key)] for key in encoded]
-        replies = self._call("get", encoded, commands, arena)
-        values = [memoryview(r) if isinstance(r, (bytes, memoryview)) else None
-                  for r in replies]
-        self.stats.add("bytes_read", sum(v.nbytes for v in values if v is not None))
+        values: list[memoryview | None] = [None] * len(keys)
+
+        def keep(index: int, value: memoryview | None) -> bool:
+            values[index] = value
+            return True
+
+        self._get(keys, keep, arena, recycle=False)
         return values
 
+    def get_each(self, keys: Sequence[str], visit: Visit, *, arena: Arena | None = None
+                 ) -> None:
+        self._get(keys, visit, arena or Arena(), recycle=True)
+
     def put_many(self, items: Sequence[PutItem], ttl_s: int | None = None) -> int:
+        sizes = [sum(memoryview(p).nbytes for p in parts) for _, parts in items]
+        written = []
+
+        def on_reply(index: int, reply: Reply) -> bool:
+            if reply == b"OK":
+                written.append(sizes[index])
+            return True
+
         keys = _encode([key for key, _ in items])
         ttl = ttl_s or self.config.ttl_s
         commands = [pack_set(key, parts, ttl) for key, (_, parts) in zip(keys, items)]
-        replies = self._call("put", keys, commands, None)
-        sizes = [sum(memoryview(p).nbytes for p in parts) for _, parts in items]
-        written = [size for size, reply in zip(sizes, replies) if reply == b"OK"]
+        self._call("put", keys, commands, on_reply)
         self.stats.add("blocks_written", len(written))
         self.stats.add("bytes_written", sum(written))
         return len(written)
@@ -184,42 +200,47 @@ class RedisBlockStore:
     def close(self) -> None:
         self._router.close()
 
+    def _get(self, keys: Sequence[str], visit: Visit, arena: Arena | None,
+             recycle: bool) -> None:
+        received = 0
+
+        def on_reply(index: int, reply: Reply) -> bool:
+            nonlocal received
+            value = memoryview(reply) if isinstance(reply, (bytes, memoryview)) else None
+            received += value.nbytes if value is not None else 0
+            go_on = visit(index, value)
+            if recycle and arena is not None:
+                arena.reset()
+            return go_on
+
+        encoded = _encode(keys)
+        self._call("get", encoded, [[pack_command(b"GET", k)] for k in encoded], on_reply,
+                   arena)
+        self.stats.add("bytes_read", received)
+
     def _call(self, op: str, keys: Sequence[bytes], commands: Sequence[Sequence[Buffer]],
-              arena: Arena | None) -> list[Reply]:
-        replies: list[Reply] = [None] * len(commands)
+              on_reply: OnReply, arena: Arena | None = None) -> None:
         if not commands:
-            return replies
+            return
         if time.monotonic() < self._retry_at:
             self.stats.error("unavailable", f"{op}: waiting to reconnect", len(commands))
-            return replies
+            return
         started = time.monotonic()
-        deadline = started + self.config.timeout_s
+        errors: list[ReplyError] = []
+
+        def checked(index: int, reply: Reply) -> bool:
+            if isinstance(reply, ReplyError):
+                errors.append(reply)
+                reply = None
+            return on_reply(index, reply)
+
         try:
-            for pool, indices in self._router.route(keys):
-                got = self._exchange(pool, [commands[i] for i in indices], arena, deadline)
-                for index, reply in zip(indices, got):
-                    replies[index] = reply
+            run_pipeline(self._router.route(keys), commands, checked, arena,
+                         started + self.config.timeout_s, self.config.timeout_s)
         except Exception as exc:  # noqa: BLE001 (a cache problem must never fail a request)
             self._failed(op, exc)
+        self._count_reply_errors(op, errors)
         self.stats.add_seconds(op, time.monotonic() - started)
-        return self._count_reply_errors(op, replies)
-
-    def _exchange(self, pool: Any, commands: list[Sequence[Buffer]], arena: Arena | None,
-                  deadline: float) -> list[Reply]:
-        conn = pool.get_connection()
-        try:
-            sock = conn._sock  # redis-py connected and authenticated it
-            sock.settimeout(max(deadline - time.monotonic(), 1e-3))
-            send_buffers(sock, itertools.chain.from_iterable(commands))
-            reader = ReplyReader(sock, deadline)
-            replies = [reader.read(arena) for _ in commands]
-            sock.settimeout(self.config.timeout_s)
-        except BaseException:
-            conn.disconnect()  # the stream is in an unknown state
-            raise
-        finally:
-            pool.release(conn)
-        return replies
 
     def _failed(self, op: str, exc: Exception) -> None:
         kind = _error_kind(exc)
@@ -228,13 +249,11 @@ class RedisBlockStore:
             self._retry_at = time.monotonic() + self.config.retry_after_s
             self._router.reset()
 
-    def _count_reply_errors(self, op: str, replies: list[Reply]) -> list[Reply]:
-        errors = [r for r in replies if isinstance(r, ReplyError)]
+    def _count_reply_errors(self, op: str, errors: list[ReplyError]) -> None:
         for error in errors:
             self.stats.error(error.kind, f"{op}: {error.message}")
         if any(e.kind in ("moved", "ask") for e in errors):
             self._router.reset()
-        return [None if isinstance(r, ReplyError) else r for r in replies]
 
 
 def _encode(keys: Sequence[str]) -> list[bytes]:

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 PutItem = tuple[str, Sequence["Buffer"]]
 """A key and the parts of its value (header, payload), sent without joining them."""
 
+Visit = Callable[[int, "memoryview | None"], bool]
+"""Receives ``(key index, value or None)`` in key order; returns False to stop."""
+
 
 class BlockStore(Protocol):
     """Batched access to block values; see the module docstring for the error contract."""
@@ -37,6 +40,13 @@ class BlockStore(Protocol):
                  ) -> list[memoryview | None]:
         """Each key's value, or None when absent or unreadable; large values land in
         ``arena`` when one is given (valid until its next reset)."""
+        ...
+
+    def get_each(self, keys: Sequence[str], visit: Visit, *, arena: Arena | None = None
+                 ) -> None:
+        """Stream the values to ``visit`` in key order, each as soon as it has arrived,
+        until ``visit`` returns False. A value is valid only during its ``visit`` call
+        (its memory is reused for the next one). A failed call ends the visits early."""
         ...
 
     def put_many(self, items: Sequence[PutItem], ttl_s: int | None = None) -> int:
@@ -82,6 +92,12 @@ class MemoryBlockStore:
             found = [self._live(key) for key in keys]
         self.stats.add("bytes_read", sum(len(v) for v in found if v is not None))
         return [None if v is None else memoryview(v) for v in found]
+
+    def get_each(self, keys: Sequence[str], visit: Visit, *, arena: Arena | None = None
+                 ) -> None:
+        for index, value in enumerate(self.get_many(keys)):
+            if not visit(index, value):
+                return
 
     def put_many(self, items: Sequence[PutItem], ttl_s: int | None = None) -> int:
         written = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -156,3 +157,39 @@ def test_wrong_password_is_counted_not_raised(spec: BlockSpec) -> None:
         assert good.fetch_prefix(hashes, Collect()) == 8
     finally:
         server.stop()
+
+
+def test_stopping_a_stream_early_leaves_the_connection_usable(redis_server: RedisServer,
+                                                             spec: BlockSpec) -> None:
+    cache = _cache(redis_server.url(), spec, max_connections=1)
+    hashes, payloads = _publish(cache)
+    keys = cache.keys(hashes)
+    seen: list[int] = []
+
+    def visit(index: int, value: memoryview | None) -> bool:
+        seen.append(index)
+        return index < 2
+
+    cache.store.get_each(keys, visit)
+    assert seen == [0, 1, 2]
+    values = cache.store.get_many(keys)
+    assert [bytes(v)[-payloads[0].nbytes:] for v in values] == [p.tobytes() for p in payloads]
+    assert cache.stats.snapshot()["errors"] == {}
+
+
+def test_concurrent_fetches_and_publishes_from_threads(redis_server: RedisServer,
+                                                       spec: BlockSpec) -> None:
+    cache = _cache(redis_server.url(), spec, max_connections=4)
+    prompts = [[seed] * 4 + list(range(28)) for seed in range(8)]
+    payloads = {seed: make_payloads(spec, 8, seed) for seed in range(8)}
+
+    def work(seed: int) -> bool:
+        hashes = cache.block_hashes(prompts[seed])
+        cache.publish(hashes, list(payloads[seed]))
+        sink = Collect()
+        return (cache.fetch_prefix(hashes, sink) == 8
+                and sink.blocks == [(i, payloads[seed][i].tobytes()) for i in range(8)])
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert all(pool.map(work, list(range(8)) * 3))
+    assert cache.stats.snapshot()["errors"] == {}
