@@ -17,7 +17,13 @@ from safetensors.torch import load_file
 
 from engine.engine import LLMEngine
 from engine.gguf_convert import GGUFConversionError, hf_tensor_name, unpermute_rope_rows
-from engine.loader import LoadedModel, converted_gguf_dir, demo_gguf_path, load_model
+from engine.loader import (
+    LoadedModel,
+    converted_gguf_dir,
+    default_model_path,
+    demo_gguf_path,
+    load_model,
+)
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
@@ -96,6 +102,13 @@ def test_converted_config(loaded: LoadedModel) -> None:
     assert loaded.tokenizer.eos_token_ids == {2} and c.eos_token_ids == (2,)
 
 
+def test_gguf_path_loads_through_the_cached_conversion(gguf_file: Path, converted: Path) -> None:
+    m = load_model(str(gguf_file), cache_dir=converted.parent)
+    assert m.path == str(gguf_file)
+    assert [p.name for p in converted.parent.iterdir()] == [converted.name]  # converted once
+    assert default_model_path(converted.parent) == str(converted)
+
+
 def test_weights_equal_transformers_gguf_loader(converted: Path, hf_model: Any) -> None:
     ours = load_file(converted / "model.safetensors")
     theirs = hf_model.state_dict()
@@ -107,7 +120,9 @@ def test_weights_equal_transformers_gguf_loader(converted: Path, hf_model: Any) 
 @pytest.mark.parametrize("text", TEXTS)
 def test_tokenizer_matches_transformers(converted: Path, hf_tokenizer: Any, text: str) -> None:
     ours = Tokenizer.from_dir(converted)
-    assert ours.encode(text) == hf_tokenizer.encode(text)
+    ids = ours.encode(text)
+    assert ids == hf_tokenizer.encode(text)
+    assert ours.decode(ids) == hf_tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def test_chat_template_matches_transformers(converted: Path, hf_tokenizer: Any) -> None:
