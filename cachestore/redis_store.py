@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import redis
-from redis.cluster import RedisCluster
+from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import AuthenticationError, AuthorizationError, RedisClusterException
 
 from cachestore.arena import Arena
@@ -97,14 +97,16 @@ class _Cluster:
     def __init__(self, config: StoreConfig) -> None:
         self._config = config
         self._client: RedisCluster | None = None
+        self._known: list[ClusterNode] = []  # every master seen, to rediscover from
         self._lock = threading.Lock()
 
     def _cluster(self) -> RedisCluster:
         with self._lock:
             if self._client is None:
                 self._client = RedisCluster.from_url(
-                    self._config.url, cluster_error_retry_attempts=1,
+                    self._config.url, startup_nodes=list(self._known),
                     **self._config.redis_kwargs())
+                self._known = [ClusterNode(n.host, n.port) for n in self._client.get_nodes()]
             return self._client
 
     def route(self, keys: Sequence[bytes]) -> Route:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 from redis.cluster import RedisCluster
 
@@ -10,7 +11,7 @@ from cachestore.codec import BlockSpec
 from cachestore.kvstore import PrefixCache
 from cachestore.redis_store import RedisBlockStore
 from tests.cachestore.conftest import Collect, make_payloads
-from tests.support.redis_server import RedisClusterServers
+from tests.support.redis_server import RedisClusterServers, start_cluster
 
 
 def _cache(cluster: RedisClusterServers, spec: BlockSpec) -> PrefixCache:
@@ -49,3 +50,23 @@ def test_prefix_stops_at_a_deleted_middle_block(redis_cluster: RedisClusterServe
         admin.close()
     assert cache.lookup(hashes) == 6
     assert cache.fetch_prefix(hashes, Collect()) == 6
+
+
+def test_a_dead_master_gives_counted_misses_until_it_is_back(spec: BlockSpec) -> None:
+    cluster = start_cluster()
+    try:
+        cache = PrefixCache(RedisBlockStore.from_url(cluster.url(), cluster=True,
+                                                     retry_after_s=0.1), spec)
+        hashes = cache.block_hashes(list(range(48)))
+        payloads = list(make_payloads(spec, len(hashes)))
+        assert cache.publish(hashes, payloads) == 12
+        cluster.nodes[0].terminate()
+        assert cache.fetch_prefix(hashes, Collect()) < 12
+        assert cache.stats.errors("connection") >= 1
+        cluster.nodes[0].restart()
+        cluster.wait_until_ok()
+        time.sleep(0.2)
+        cache.publish(hashes, payloads)  # the restarted master came back empty
+        assert cache.fetch_prefix(hashes, Collect()) == 12
+    finally:
+        cluster.stop()

@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -64,9 +64,9 @@ class RedisServer:
     process: subprocess.Popen[bytes]
     port: int
     workdir: Path
+    command: tuple[str, ...]
     password: str | None = None
     tls: TlsFiles | None = None
-    args: tuple[str, ...] = field(default=())
 
     @property
     def pid(self) -> int:
@@ -92,6 +92,20 @@ class RedisServer:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 5 s; always removes the working directory."""
+        try:
+            self.terminate()
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def restart(self) -> None:
+        """Stop, then start again on the same port and directory (cluster identity kept,
+        data lost: nothing is persisted)."""
+        self.terminate()
+        self.process = _spawn(self.command)
+        _wait_until_ready(self)
+
+    def terminate(self) -> None:
+        """End the process (SIGTERM, SIGKILL after 5 s) but keep its directory."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -99,7 +113,6 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=5)
-        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def _base_args(port: int, workdir: Path, tls: TlsFiles | None) -> list[str]:
@@ -121,15 +134,18 @@ def start_redis(extra_args: Sequence[str] = (), *, password: str | None = None,
     args = _base_args(port, workdir, tls) + list(extra_args)
     if password is not None:
         args += ["--requirepass", password]
-    process = subprocess.Popen(["redis-server", *args], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    server = RedisServer(process, port, workdir, password, tls, tuple(extra_args))
+    command = ("redis-server", *args)
+    server = RedisServer(_spawn(command), port, workdir, command, password, tls)
     try:
         _wait_until_ready(server)
     except BaseException:
         server.stop()
         raise
     return server
+
+
+def _spawn(command: Sequence[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(list(command), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _wait_until_ready(server: RedisServer) -> None:
@@ -180,6 +196,19 @@ class RedisClusterServers:
         for node in self.nodes:
             node.stop()
 
+    def wait_until_ok(self, timeout_s: float = 30.0) -> None:
+        """Wait until every node reports ``cluster_state:ok``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            states = []
+            for node in self.nodes:
+                with contextlib.closing(node.client()) as client:
+                    states.append(client.execute_command("CLUSTER", "INFO").decode())
+            if all("cluster_state:ok" in s for s in states):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("cluster did not reach cluster_state:ok")
+
 
 def start_cluster(masters: int = 3) -> RedisClusterServers:
     """Start ``masters`` cluster-enabled servers and join them with ``redis-cli --cluster``."""
@@ -192,24 +221,11 @@ def start_cluster(masters: int = 3) -> RedisClusterServers:
         addresses = [f"127.0.0.1:{node.port}" for node in cluster.nodes]
         subprocess.run(["redis-cli", "--cluster", "create", *addresses, "--cluster-yes"],
                        check=True, capture_output=True, timeout=60)
-        _wait_until_cluster_ok(cluster)
+        cluster.wait_until_ok()
     except BaseException:
         cluster.stop()
         raise
     return cluster
-
-
-def _wait_until_cluster_ok(cluster: RedisClusterServers) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        states = []
-        for node in cluster.nodes:
-            with contextlib.closing(node.client()) as client:
-                states.append(client.execute_command("CLUSTER", "INFO").decode())
-        if all("cluster_state:ok" in s for s in states):
-            return
-        time.sleep(0.1)
-    raise RuntimeError("cluster did not reach cluster_state:ok")
 
 
 @pytest.fixture
