@@ -22,7 +22,7 @@ Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (B, T, 1, hd) each
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in float32 like the reference implementation."""
+    """Root-mean-square norm, computed in float32 (then cast, then scaled) like the reference."""
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -30,6 +30,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -71,11 +73,11 @@ class LlamaAttention(nn.Module):
         b, t, _ = x.shape
         h, kvh, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # (B, T, (H + 2*kvh)*hd)
-        q, k, v = qkv.split([h * hd, kvh * hd, kvh * hd], dim=-1)
-        q = apply_rope(q.view(b, t, h, hd), *rope)  # (B, T, H, hd)
-        k = apply_rope(k.view(b, t, kvh, hd), *rope)  # (B, T, kvh, hd)
-        out = paged_attention(q, k, v.view(b, t, kvh, hd), kv_layer, meta)  # (B, T, H*hd)
-        return self.o_proj(out)
+        qk = apply_rope(qkv[..., :(h + kvh) * hd].view(b, t, h + kvh, hd), *rope)
+        q, k = qk.split([h, kvh], dim=2)  # (B, T, H, hd), (B, T, kvh, hd)
+        v = qkv[..., (h + kvh) * hd:].view(b, t, kvh, hd)  # (B, T, kvh, hd)
+        out = paged_attention(q, k, v, kv_layer, meta)  # (B, T, H*hd)
+        return F.linear(out, self.o_proj.weight)
 
 
 class LlamaMLP(nn.Module):
@@ -95,7 +97,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)  # (B, T, I) x2
-        return self.down_proj(F.silu(gate) * up)
+        return F.linear(F.silu(gate) * up, self.down_proj.weight, self.down_proj.bias)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -57,12 +57,16 @@ def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
 
 
 class RotaryTable:
-    """cos/sin of every position up to the longest asked for, ``(P, head_dim)`` float32."""
+    """cos/sin of every position up to the longest asked for, ``(P, head_dim)`` float32.
+
+    ``sin`` is stored with its first half negated so that rotation needs no negation:
+    ``rotate_half(x) * sin == roll(x, half) * signed_sin``.
+    """
 
     def __init__(self, config: ModelConfig, device: torch.device | str = "cpu") -> None:
         self.inv_freq = inverse_frequencies(config).to(device)
         self.cos = torch.empty(0, config.head_dim, device=device)
-        self.sin = torch.empty(0, config.head_dim, device=device)
+        self.signed_sin = torch.empty(0, config.head_dim, device=device)
 
     def ensure(self, length: int) -> None:
         """Make the table cover positions ``[0, length)`` (grows by doubling)."""
@@ -71,17 +75,16 @@ class RotaryTable:
         size = max(length, 2 * self.cos.shape[0], 256)
         positions = torch.arange(size, device=self.inv_freq.device).float()
         freqs = positions[:, None] * self.inv_freq[None, :]  # (P, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (P, hd)
-        self.cos, self.sin = emb.cos(), emb.sin()
+        self.cos = torch.cat((freqs, freqs), dim=-1).cos()  # (P, hd)
+        self.signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)  # (P, hd)
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for ``positions`` (B, T), as (B, T, 1, hd) in ``dtype``."""
+        """cos and signed sin for ``positions`` (B, T), as (B, T, 1, hd) in ``dtype``."""
         return (self.cos[positions].unsqueeze(2).to(dtype),
-                self.sin[positions].unsqueeze(2).to(dtype))
+                self.signed_sin[positions].unsqueeze(2).to(dtype))
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (B, T, heads, hd) by the angles in cos/sin (B, T, 1, hd)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos) + (rotated * sin)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (B, T, heads, hd) by the angles in cos/signed_sin (B, T, 1, hd)."""
+    rotated = x.roll(x.shape[-1] // 2, dims=-1)  # (x2, x1): rotate_half without the sign
+    return (x * cos) + (rotated * signed_sin)

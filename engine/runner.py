@@ -170,5 +170,6 @@ class ModelRunner:
         context = torch.tensor(tables, device=self.device).flatten()  # (B*nb,)
         key_pos = torch.arange(nb * self.block_size, device=self.device)  # (Tk,)
         query_pos = starts_t[:, None] + torch.arange(width, device=self.device)  # (B, T)
-        mask = key_pos[None, None, :] <= query_pos[:, :, None]  # (B, T, Tk)
-        return context, mask.unsqueeze(1)
+        allowed = key_pos[None, None, :] <= query_pos[:, :, None]  # (B, T, Tk)
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        return context, mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
