@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 # Bump when the converter's output changes, so cached conversions are redone.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 
 _CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
 
@@ -161,8 +161,8 @@ def hf_config(meta: _Metadata, family: _Family, reader: GGUFReader) -> dict[str,
         "num_key_value_heads": int(meta.get(key("attention.head_count_kv"), heads)),
         "head_dim": int(meta.get(key("attention.key_length"), hidden // heads)),
         "max_position_embeddings": int(meta.get(key("context_length"), 2048)),
-        "rms_norm_eps": float(meta.need(key("attention.layer_norm_rms_epsilon"))),
-        "rope_theta": float(meta.get(key("rope.freq_base"), 10000.0)),
+        "rms_norm_eps": _f32(meta.need(key("attention.layer_norm_rms_epsilon"))),
+        "rope_theta": _f32(meta.get(key("rope.freq_base"), 10000.0)),
         "rope_scaling": _rope_scaling(meta, arch),
         "tie_word_embeddings": "output.weight" not in names,
         "hidden_act": "silu",
@@ -172,13 +172,19 @@ def hf_config(meta: _Metadata, family: _Family, reader: GGUFReader) -> dict[str,
     }
 
 
+def _f32(value: float) -> float:
+    """A float32 metadata value as the shortest decimal that is the same float32 (1e-05,
+    not 9.999999747378752e-06): the value the model's own config held."""
+    return float(str(np.float32(value)))
+
+
 def _rope_scaling(meta: _Metadata, arch: str) -> dict[str, Any] | None:
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
     if kind == "none":
         return None
     if kind != "linear":
         raise GGUFConversionError(f"unsupported rope scaling type {kind!r}")
-    return {"rope_type": "linear", "factor": float(meta.need(f"{arch}.rope.scaling.factor"))}
+    return {"rope_type": "linear", "factor": _f32(meta.need(f"{arch}.rope.scaling.factor"))}
 
 
 def hf_tensors(reader: GGUFReader, config: dict[str, Any],

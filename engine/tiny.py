@@ -83,7 +83,7 @@ The engineers of the town built a new bridge over the river. They measured the w
 tested the stone and steel, and wrote careful notes about every step of their work.
 When the bridge was finished, the whole town came to walk across it, and the mayor
 thanked everyone who had helped. "It is strong, simple and beautiful," she said.
-Caf\u00e9, na\u00efve, \u00fcber, \u00e5ngstr\u00f6m, \u65e5\u672c, \u4e2d\u6587, \u043f\u0440\u0438\u0432\u0435\u0442, \u0645\u0631\u062d\u0628\u0627 and \U0001f600 are words and signs from other places.
+Café, naïve, über, ångström, 日本, 中文, привет, مرحبا and 😀 are words and signs from other places.
 """
 
 

@@ -67,7 +67,8 @@ def load_weights(model: nn.Module, files: list[Path], device: torch.device) -> N
     """
     targets = model.state_dict(keep_vars=True)
     located = _locate(files)
-    unexpected = sorted(n for n in located if n not in targets and not n.endswith(_IGNORED_SUFFIXES))
+    unexpected = sorted(n for n in located
+                        if n not in targets and not n.endswith(_IGNORED_SUFFIXES))
     if unexpected:
         raise WeightsError(f"unexpected tensor(s) in the weights: {_names(unexpected)}")
     chosen: dict[int, str] = {}  # id of a target tensor -> the one name it is loaded from

@@ -6,9 +6,12 @@ without it. Conversion, both model loads and generation take about a minute on t
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -19,6 +22,7 @@ from engine.engine import LLMEngine
 from engine.gguf_convert import GGUFConversionError, hf_tensor_name, unpermute_rope_rows
 from engine.loader import (
     LoadedModel,
+    ModelLoadError,
     converted_gguf_dir,
     default_model_path,
     demo_gguf_path,
@@ -26,6 +30,7 @@ from engine.loader import (
 )
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
+from engine.tiny import write_tiny_model
 from engine.tokenizer import Tokenizer
 
 CHATS = [
@@ -63,6 +68,88 @@ def test_tensor_names_map_to_hf() -> None:
     assert hf_tensor_name("output.weight")[0] == "lm_head.weight"
     with pytest.raises(GGUFConversionError, match="blk.0.ffn_gate_exps.weight"):
         hf_tensor_name("blk.0.ffn_gate_exps.weight")
+
+
+# HF name part -> GGUF name part (the inverse of the converter's table), for writing test files.
+_GGUF_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+               "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def _gguf_name(hf_name: str) -> str:
+    stem, kind = hf_name.rsplit(".", 1)
+    if stem.startswith("model.layers."):
+        _, _, layer, part = stem.split(".", 3)
+        return f"blk.{layer}.{_GGUF_NAMES[part]}.{kind}"
+    return f"{_GGUF_NAMES[stem]}.{kind}"
+
+
+def write_gguf(model_dir: Path, out: Path, arch: str) -> Path:
+    """Write an HF-format float32 model as llama.cpp would: GGUF names, q/k rows permuted."""
+    config = json.loads((model_dir / "config.json").read_text())
+    tok = json.loads((model_dir / "tokenizer.json").read_text())
+    special = {t["id"] for t in tok["added_tokens"] if t["special"]}
+    vocab = sorted(tok["model"]["vocab"], key=tok["model"]["vocab"].get)
+    w = gguf.GGUFWriter(out, arch)
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_rope_freq_base(config["rope_theta"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(vocab)
+    w.add_token_merges([" ".join(m) for m in tok["model"]["merges"]])
+    w.add_token_types([3 if i in special else 1 for i in range(len(vocab))])
+    w.add_bos_token_id(config["bos_token_id"])
+    w.add_eos_token_id(config["eos_token_id"])
+    template = json.loads((model_dir / "tokenizer_config.json").read_text())["chat_template"]
+    w.add_chat_template(template)
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    for name, tensor in load_file(model_dir / "model.safetensors").items():
+        data, gname = tensor.numpy(), _gguf_name(name)
+        if arch == "llama" and gname.split(".")[-2] in heads:
+            data = _llama_cpp_permute(data, heads[gname.split(".")[-2]])
+        w.add_tensor(gname, np.ascontiguousarray(data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+@pytest.mark.parametrize(("arch", "gguf_arch", "overrides"), [
+    ("LlamaForCausalLM", "llama", {}),
+    ("Qwen2ForCausalLM", "qwen2", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
+])
+def test_round_trip_through_gguf_is_exact(tmp_path: Path, arch: str, gguf_arch: str,
+                                          overrides: dict[str, Any]) -> None:
+    original = write_tiny_model(tmp_path / "hf", architecture=arch, **overrides)
+    gguf_path = write_gguf(original, tmp_path / "tiny.gguf", gguf_arch)
+    back = load_model(str(gguf_path), cache_dir=tmp_path / "cache")
+    ours = Tokenizer.from_dir(original)
+    eos = ours.token_to_id("<|im_end|>")
+    expected_config = load_model(str(original)).config
+    assert back.config == dataclasses.replace(expected_config, eos_token_ids=(eos,))  # one in GGUF
+    expected = load_file(original / "model.safetensors")
+    state = back.model.state_dict()
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor), name
+    for text in TEXTS:
+        assert back.tokenizer.encode(text) == ours.encode(text)
+    assert back.tokenizer.apply_chat_template(CHATS[1]) == ours.apply_chat_template(CHATS[1])
+
+
+def test_unsupported_gguf_architecture_is_named(tmp_path: Path, tiny_model_dir: Path) -> None:
+    gguf_path = write_gguf(tiny_model_dir, tmp_path / "x.gguf", "gpt2")
+    with pytest.raises(ModelLoadError, match="unsupported GGUF architecture 'gpt2'"):
+        load_model(str(gguf_path), cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []  # nothing half-written is left
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,8 @@ def test_seed_changes_weights_only(tmp_path: Path, tiny_model_dir: Path) -> None
     other = write_tiny_model(tmp_path / "other", seed=1)
     a, b = load_file(tiny_model_dir / "model.safetensors"), load_file(other / "model.safetensors")
     assert not torch.equal(a["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
-    assert (other / "tokenizer.json").read_bytes() == (tiny_model_dir / "tokenizer.json").read_bytes()
+    tokenizer_file = (tiny_model_dir / "tokenizer.json").read_bytes()
+    assert (other / "tokenizer.json").read_bytes() == tokenizer_file
 
 
 def test_overrides_reach_config_and_weights(tmp_path: Path) -> None:
