@@ -129,7 +129,7 @@ class BatchScheduler:
     def _step(self) -> None:
         try:
             outputs: list[StepOutput] = self.engine.step()
-        except Exception as exc:  # noqa: BLE001 - fail the batch's requests, keep serving
+        except Exception as exc:
             log.exception("engine step failed; failing the batch")
             self._fail_all(exc)
             return

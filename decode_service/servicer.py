@@ -28,12 +28,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return to_request(request, max_new_tokens_limit=cfg.max_new_tokens_limit,
                           max_prompt_chars=cfg.max_prompt_chars)
 
-    async def Generate(self, request: pb.GenerateRequest,  # noqa: N802 - gRPC method name
+    async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         return to_response(await self._worker().generate(self._request(request),
                                                          context.time_remaining()))
 
-    async def GenerateStream(self, request: pb.GenerateRequest,  # noqa: N802
+    async def GenerateStream(self, request: pb.GenerateRequest,
                              context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[pb.GenerateStreamResponse]:
         req = self._request(request)

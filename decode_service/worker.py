@@ -22,7 +22,7 @@ import numpy as np
 from cachestore.hashing import BlockHash
 from decode_service.config import DecodeConfig
 from decode_service.prefill_client import PrefillClient
-from decode_service.requests import Completion, GenerationRequest, TokenDelta, Timings, Usage
+from decode_service.requests import Completion, GenerationRequest, Timings, TokenDelta, Usage
 from decode_service.scheduler import Admission, Admitted, BatchScheduler
 from engine.engine import LLMEngine, StepOutput
 from engine.kv import OutOfBlocks
@@ -227,6 +227,10 @@ class DecodeWorker:
                           time_to_first_token_ms=(first - arrived) * 1000,
                           decode_ms=(last - first) * 1000)
         usage = Usage(seq.prompt_len, plan.cached_blocks * bs, count)
+        log.info("request finished", extra={
+            "request_id": req.request_id, "finish_reason": reason, "prompt_tokens": usage.prompt_tokens,
+            "cached_prompt_tokens": usage.cached_prompt_tokens, "completion_tokens": count,
+            "ttft_ms": round(timings.time_to_first_token_ms, 2)})
         return Completion(req.request_id, reason, usage, timings)
 
 

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from kvrelay.healthcheck import is_serving
 
@@ -34,7 +35,8 @@ def free_port() -> int:
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """What to start. Ports of 0 are picked free at start."""
+    """What to start. Ports of 0 are picked free at start. ``block_size`` is smaller than
+    the workers' default (64) so that the short prompts of a local try-out show reuse."""
 
     model: str
     decode_port: int = 50051
@@ -155,7 +157,7 @@ class LocalCluster:
         metrics = (free_port(), free_port())
         prefill_addr = f"127.0.0.1:{prefill_port}"
         decode_addr = f"127.0.0.1:{decode_port}"
-        common = dict(model=spec.model, redis_url=redis_url, block_size=spec.block_size)
+        common = {"model": spec.model, "redis_url": redis_url, "block_size": spec.block_size}
         prefill = self._spawn("prefill", worker_command(
             "prefill", port=prefill_port, metrics_port=metrics[0], **common))
         decode = self._spawn("decode", worker_command(
@@ -178,7 +180,7 @@ class LocalCluster:
             stop_process(proc)
         self._procs.clear()
 
-    def __enter__(self) -> LocalCluster:
+    def __enter__(self) -> Self:
         try:
             self.start()
         except BaseException:

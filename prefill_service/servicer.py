@@ -28,7 +28,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
     def __init__(self) -> None:
         self.worker: PrefillWorker | None = None
 
-    async def Prefill(self, request: pb.PrefillRequest,  # noqa: N802 - gRPC method name
+    async def Prefill(self, request: pb.PrefillRequest,
                       context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
         assert self.worker is not None, "the lifecycle interceptor admits no call before warm-up"
         return to_response(await self.worker.prefill(to_job(request)))

@@ -17,8 +17,12 @@ import grpc
 from engine.kv import OutOfBlocks
 from engine.sequence import Sequence
 from kvrelay.serving.errors import ServiceError, invalid_argument
-from kvrelay.serving.kvblocks import (collect_payloads, export_blocks, prefill_full_blocks,
-                                      used_blocks)
+from kvrelay.serving.kvblocks import (
+    collect_payloads,
+    export_blocks,
+    prefill_full_blocks,
+    used_blocks,
+)
 from kvrelay.serving.runtime import Runtime
 
 

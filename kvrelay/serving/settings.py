@@ -61,6 +61,6 @@ def from_args(cls: type[T], args: argparse.Namespace, env: Mapping[str, str] | N
     return cls(**values)
 
 
-def setting(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
+def setting(default: Any, help: str) -> Any:
     """A settings field with its help text."""
     return dataclasses.field(default=default, metadata={"help": help})

@@ -57,7 +57,7 @@ def _healthy(service: str, ports: dict[str, int]) -> bool:
     test = SERVICES[service]["healthcheck"]["test"]
     assert test[0] == "CMD" and test[1] == "python"
     cmd = [sys.executable, *(_local(a, ports) for a in test[2:])]
-    return subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
+    return subprocess.run(cmd, capture_output=True, timeout=30, check=False).returncode == 0
 
 
 def _wait_healthy(service: str, proc: subprocess.Popen[bytes], ports: dict[str, int]) -> None:

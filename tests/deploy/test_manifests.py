@@ -20,7 +20,8 @@ MANIFESTS = sorted((DEPLOY / "k8s").glob("*.yaml"))
 
 
 def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          check=False)
 
 
 def _k8s_objects() -> list[dict]:

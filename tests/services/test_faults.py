@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -57,6 +56,23 @@ def test_requests_succeed_by_local_prefill_when_the_prefill_worker_is_down(
         prefill.stop()
 
 
+def test_requests_succeed_by_recompute_when_the_store_is_down(
+        tiny_model_dir: Path, tmp_path: Path, reference: Reference) -> None:
+    nothing_there = f"redis://127.0.0.1:{free_port()}/0"
+    decode = start_worker("decode", tiny_model_dir, nothing_there, tmp_path)
+    try:
+        request = pb.GenerateRequest(prompt=PROMPT, sampling=pb.SamplingParams(max_new_tokens=6))
+        with decode.channel() as channel:
+            replies = [pb_grpc.GenerationStub(channel).Generate(request, timeout=30)
+                       for _ in range(2)]
+        expected = reference.greedy(reference.tokenizer.encode(PROMPT), 6)
+        assert [list(r.token_ids) for r in replies] == [expected, expected]
+        assert all(r.usage.cached_prompt_tokens == 0 for r in replies)
+        assert decode.metric("kvrelay_store_errors_total") >= 1
+    finally:
+        decode.stop()
+
+
 @pytest.fixture(scope="module")
 def lone_decode(store: RedisServer, tiny_model_dir: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> Worker:
@@ -77,9 +93,8 @@ def test_a_cancelled_stream_frees_its_kv(lone_decode: Worker) -> None:
 
 
 def test_a_deadline_ends_the_request_and_frees_its_kv(lone_decode: Worker) -> None:
-    with lone_decode.channel() as channel:
-        with pytest.raises(grpc.RpcError) as err:
-            pb_grpc.GenerationStub(channel).Generate(_long_request(), timeout=0.5)
+    with lone_decode.channel() as channel, pytest.raises(grpc.RpcError) as err:
+        pb_grpc.GenerationStub(channel).Generate(_long_request(), timeout=0.5)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     _wait_for(lambda: lone_decode.metric("kvrelay_kv_pool_used_blocks") == 0)
 

@@ -24,13 +24,13 @@ SECRET = "secret detail of a bug"
 
 class _Failing(pb_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-                       ) -> pb.GenerateResponse:  # noqa: N802
+                       ) -> pb.GenerateResponse:
         if request.prompt == "bad":
             raise invalid_argument("prompt", "is bad")
         raise KeyError(SECRET)
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-                             ) -> AsyncIterator[pb.GenerateStreamResponse]:  # noqa: N802
+                             ) -> AsyncIterator[pb.GenerateStreamResponse]:
         yield pb.GenerateStreamResponse(text="one")
         raise RuntimeError(SECRET)
 
