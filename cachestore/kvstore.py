@@ -34,7 +34,8 @@ prefix on whole blocks (1984 = 31 x 64), and 128 would not (1984 / 128 = 15.5)."
 DEFAULT_BATCH_BYTES = 32 * 1024 * 1024
 
 Sink = Callable[[int, memoryview], None]
-"""Receives ``(block index, verified payload)``; the view is valid only during the call."""
+"""Receives ``(block index, verified payload)``; the view is valid only during the call.
+An exception from the sink ends the fetch and propagates to ``fetch_prefix``'s caller."""
 
 
 class PrefixCache:
@@ -91,28 +92,33 @@ class PrefixCache:
 
     def _fetch_batch(self, start: int, batch: Sequence[BlockHash], sink: Sink) -> int:
         accepted = 0
+        sink_error: Exception | None = None
 
         def visit(offset: int, value: memoryview | None) -> bool:
-            nonlocal accepted
-            if value is None or not self._verify_into(start + offset, batch[offset], value,
-                                                      sink):
+            nonlocal accepted, sink_error
+            payload = None if value is None else self._verified(batch[offset], value)
+            if payload is None:
+                return False
+            try:
+                sink(start + offset, payload)
+            except Exception as exc:  # noqa: BLE001 (re-raised once the store call is over)
+                sink_error = exc
                 return False
             accepted += 1
             return True
 
         self.store.get_each(self.keys(batch), visit, arena=self._arena())
+        if sink_error is not None:
+            raise sink_error  # the caller's own failure, not a store error
         return accepted
 
-    def _verify_into(self, index: int, block_hash: BlockHash, value: memoryview,
-                     sink: Sink) -> bool:
+    def _verified(self, block_hash: BlockHash, value: memoryview) -> memoryview | None:
         try:
-            payload = decode_block(value, self.spec, block_hash)
+            return decode_block(value, self.spec, block_hash)
         except BlockRejected as rejected:
             self.stats.integrity(rejected.reason.value,
                                  block_key(self.spec.fingerprint, block_hash))
-            return False
-        sink(index, payload)
-        return True
+            return None
 
     def _count_fetch(self, fetched: int, wanted: int, seconds: float) -> None:
         self.stats.add("hits", fetched)

@@ -2,10 +2,10 @@
 
 Connections come from redis-py (URL parsing, AUTH/ACL, TLS, pooling, cluster slot maps),
 but block values never go through its packer or parser: commands are framed by
-``cachestore.resp`` and written straight to the pooled connection's socket, and bulk
-replies are read straight into the caller's ``Arena`` (zero copies of a value in Python).
-Against a cluster, keys are grouped by the node that owns their slot and each group is
-one pipeline on that node.
+``cachestore.resp`` and written straight to the pooled connection's socket (the payload
+is never copied in Python), and bulk replies are received straight into an ``Arena``.
+Against a cluster, keys are grouped by the master that owns their slot; every master's
+pipeline is written before any reply is read (``cachestore.pipeline``).
 
 Errors never leave this class: a failed call is counted by kind (``timeout``,
 ``connection``, ``auth``, ``noperm``, ``oom``, ``moved``, ...) and its keys read as

@@ -92,3 +92,28 @@ def test_memory_store_honours_ttl(spec: BlockSpec) -> None:
     assert cache.lookup(hashes) == 6
     now[0] += 2
     assert cache.lookup(hashes) == 0
+
+
+def test_a_failing_sink_propagates_and_stops_the_fetch(cache: PrefixCache) -> None:
+    hashes, _ = _publish_all(cache)
+    calls: list[int] = []
+
+    def sink(index: int, payload: memoryview) -> None:
+        calls.append(index)
+        if index == 2:
+            raise MemoryError("KV pool full")
+
+    with pytest.raises(MemoryError):
+        cache.fetch_prefix(hashes, sink)
+    assert calls == [0, 1, 2]
+    assert cache.stats.snapshot()["errors"] == {}
+
+
+@pytest.mark.parametrize("stored", [b"", b"\x80\x04K\x01.", b"KVRB"])
+def test_short_or_foreign_values_are_rejected(cache: PrefixCache, stored: bytes) -> None:
+    hashes, _ = _publish_all(cache)
+    cache.store.values[cache.keys(hashes)[0]] = stored  # type: ignore[attr-defined]
+    sink = Collect()
+    assert cache.fetch_prefix(hashes, sink) == 0
+    assert sink.blocks == []
+    assert cache.stats.integrity_failures("truncated") == 1
