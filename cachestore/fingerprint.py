@@ -15,18 +15,13 @@ import json
 FINGERPRINT_HEX_LEN = 32
 
 
-def _canonical_config(config_json: str) -> object:
-    """Parse the config so that key order and whitespace never change the fingerprint."""
-    return json.loads(config_json)
-
-
 def model_fingerprint(config_json: str, weights_digest: str, kv_dtype: str, block_size: int,
                       layout: str, codec_version: int) -> str:
     """Fingerprint of a model + KV format; see the module docstring for what it covers."""
     if block_size <= 0:
         raise ValueError("block_size must be positive")
     document = {
-        "config": _canonical_config(config_json),
+        "config": json.loads(config_json),  # re-serialized below: key order is irrelevant
         "weights_digest": weights_digest,
         "kv_dtype": kv_dtype,
         "block_size": block_size,

@@ -9,6 +9,10 @@ The canonical bytes of a block are its token ids as unsigned 32-bit little-endia
 integers. Every hash therefore covers the model fingerprint, the cache salt and every
 token before and in its block, and is the same in every process, machine and restart
 (Python's ``hash()`` is never used). The last partial block is never hashed.
+
+``cache_salt`` isolates tenants: blocks are shared only between requests with the same
+salt, which closes the prefix-cache timing side channel between them. The gateway in
+front of kvrelay must set it from the caller's identity; clients must not choose it.
 """
 
 from __future__ import annotations
