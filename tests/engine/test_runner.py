@@ -1,0 +1,144 @@
+"""ModelRunner: batched prefill over held prefixes, batched decode, KV import/export, cache off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kv import OutOfBlocks
+from engine.sequence import Sequence
+from tests.engine.conftest import ModelPair, prompts
+
+TOL = dict(atol=1e-5, rtol=0)
+
+
+def _full_prefill_logits(pair: ModelPair, prompt: list[int]) -> torch.Tensor:
+    return pair.runner(use_cache=False).prefill([Sequence("ref", prompt)])[0]
+
+
+def test_batched_prefill_on_top_of_different_held_prefixes(llama_pair: ModelPair) -> None:
+    runner = llama_pair.runner(block_size=4)
+    batch = prompts(4, seed=11)
+    held = [0, 3, 8, 17]  # tokens already computed per sequence
+    seqs = []
+    for i, (prompt, n) in enumerate(zip(batch, held)):
+        seq = Sequence(str(i), prompt[:n] if n else prompt)
+        if n:
+            runner.prefill([seq])
+            seq.token_ids += prompt[n:]
+        seqs.append(seq)
+    logits = runner.prefill(seqs)
+    for prompt, got in zip(batch, logits):
+        torch.testing.assert_close(got, _full_prefill_logits(llama_pair, prompt), **TOL)
+    assert all(s.num_computed == len(s.token_ids) for s in seqs)
+
+
+def test_batched_decode_of_different_lengths_matches_each_alone(llama_pair: ModelPair) -> None:
+    batch = prompts(4, seed=12)
+    runner = llama_pair.runner()
+    seqs = [Sequence(str(i), p) for i, p in enumerate(batch)]
+    runner.prefill(seqs)
+    for seq, token in zip(seqs, [1, 2, 3, 4]):
+        seq.token_ids.append(token)
+    logits = runner.decode(seqs)
+    for seq, got in zip(seqs, logits):
+        torch.testing.assert_close(got, _full_prefill_logits(llama_pair, seq.token_ids), **TOL)
+
+
+def test_cache_off_recomputes_the_whole_sequence_and_holds_nothing(llama_pair: ModelPair) -> None:
+    runner = llama_pair.runner(use_cache=False)
+    seq = Sequence("s", prompts(1, seed=13)[0])
+    runner.prefill([seq])
+    seq.token_ids.append(7)
+    got = runner.decode([seq])[0]
+    torch.testing.assert_close(got, llama_pair.runner().prefill([Sequence("r", seq.token_ids)])[0],
+                               **TOL)
+    assert seq.block_table == [] and runner.kv is None
+
+
+def test_imported_blocks_then_tail_prefill_match_a_cold_prefill(llama_pair: ModelPair) -> None:
+    prompt = prompts(1, seed=14, lengths=(22,))[0]
+    source = llama_pair.runner(block_size=4)
+    cold = Sequence("cold", prompt)
+    cold_logits = source.prefill([cold])[0]
+    payloads = [source.export_block(cold, i).numpy().tobytes() for i in range(5)]
+    target = llama_pair.runner(block_size=4)
+    warm = Sequence("warm", prompt)
+    target.import_blocks(warm, payloads)
+    assert warm.num_computed == 20 and len(warm.block_table) == 5
+    torch.testing.assert_close(target.prefill([warm])[0], cold_logits, **TOL)
+    cold.token_ids.append(9)
+    warm.token_ids.append(9)
+    torch.testing.assert_close(target.decode([warm]), source.decode([cold]), **TOL)
+
+
+def test_fully_imported_prompt_still_computes_its_last_token(llama_pair: ModelPair) -> None:
+    prompt = prompts(1, seed=15, lengths=(8,))[0]
+    source = llama_pair.runner(block_size=4)
+    cold = Sequence("cold", prompt)
+    expected = source.prefill([cold])[0]
+    target = llama_pair.runner(block_size=4)
+    warm = Sequence("warm", prompt)
+    target.import_blocks(warm, [source.export_block(cold, i) for i in range(2)])
+    torch.testing.assert_close(target.prefill([warm])[0], expected, **TOL)
+
+
+def test_shared_prefix_blocks_are_held_once_and_survive_the_first_holder(
+        llama_pair: ModelPair) -> None:
+    runner = llama_pair.runner(num_blocks=16, block_size=4)
+    prompt = prompts(1, seed=16, lengths=(13,))[0]
+    first = Sequence("a", prompt)
+    runner.prefill([first])
+    second = Sequence("b", prompt[:12] + [5, 6])
+    second.block_table = first.block_table[:3]
+    runner.allocator.incref(second.block_table)
+    second.num_computed = 12
+    free_before = runner.allocator.num_free
+    runner.free(first)
+    assert runner.allocator.num_free == free_before + 1  # only the unshared block came back
+    torch.testing.assert_close(runner.prefill([second])[0],
+                               _full_prefill_logits(llama_pair, second.token_ids), **TOL)
+
+
+def test_import_is_refused_off_a_block_boundary_or_with_a_bad_payload(llama_pair: ModelPair) -> None:
+    runner = llama_pair.runner(num_blocks=8, block_size=4)
+    seq = Sequence("s", prompts(1, seed=17, lengths=(10,))[0])
+    good = runner.kv.export_block(0).clone()
+    with pytest.raises(ValueError):
+        runner.import_blocks(seq, [good, b"short"])
+    assert runner.allocator.num_free == 8 and seq.num_computed == 0 and seq.block_table == []
+    with pytest.raises(ValueError):
+        runner.import_blocks(seq, [good] * 3)  # 12 tokens > 10
+    seq.num_computed = 2
+    with pytest.raises(ValueError):
+        runner.import_blocks(seq, [good])
+
+
+def test_export_of_a_block_not_yet_full_is_refused(llama_pair: ModelPair) -> None:
+    runner = llama_pair.runner(block_size=4)
+    seq = Sequence("s", prompts(1, seed=18, lengths=(6,))[0])
+    runner.prefill([seq])
+    assert runner.export_block(seq, 0).shape == (2, 2, 4, 2, 16)
+    with pytest.raises(IndexError):
+        runner.export_block(seq, 1)
+
+
+def test_free_returns_every_block_and_a_full_pool_raises(llama_pair: ModelPair) -> None:
+    runner = llama_pair.runner(num_blocks=3, block_size=4)
+    seq = Sequence("s", prompts(1, seed=19, lengths=(9,))[0])
+    runner.prefill([seq])
+    assert runner.allocator.num_free == 0
+    seq.token_ids += [1, 2, 3, 4]
+    with pytest.raises(OutOfBlocks):
+        runner.prefill([seq])
+    runner.free(seq)
+    assert runner.allocator.num_free == 3 and seq.num_computed == 0
+
+
+def test_decode_needs_exactly_one_new_token(llama_pair: ModelPair) -> None:
+    runner = llama_pair.runner()
+    seq = Sequence("s", prompts(1, seed=20)[0])
+    runner.prefill([seq])
+    seq.token_ids += [1, 2]
+    with pytest.raises(ValueError):
+        runner.decode([seq])
