@@ -4,7 +4,8 @@ A store maps block keys to immutable values. Every method is batched, synchronou
 thread-safe and bounded in time, and none raises a store error into a request: an
 error, a timeout or an unreachable server turns into misses (or dropped writes) that are
 counted in ``stats`` by kind and logged without flooding. ``RedisBlockStore`` (in
-``cachestore.redis_store``) is the real one; ``MemoryBlockStore`` is for unit tests.
+``cachestore.redis_store``) is the real one; ``MemoryBlockStore`` is for unit tests and
+``NullBlockStore`` for workers run without a store.
 """
 
 from __future__ import annotations
@@ -115,3 +116,28 @@ class MemoryBlockStore:
     def close(self) -> None:
         with self._lock:
             self.values.clear()
+
+
+class NullBlockStore:
+    """The store of a worker run without Redis: every lookup misses, every write drops."""
+
+    def __init__(self, stats: CacheStats | None = None) -> None:
+        self.stats = stats or CacheStats()
+
+    def lookup_prefix(self, keys: Sequence[str]) -> int:
+        return 0
+
+    def get_many(self, keys: Sequence[str], *, arena: Arena | None = None
+                 ) -> list[memoryview | None]:
+        return [None] * len(keys)
+
+    def get_each(self, keys: Sequence[str], visit: Visit, *, arena: Arena | None = None
+                 ) -> None:
+        if keys:
+            visit(0, None)
+
+    def put_many(self, items: Sequence[PutItem], ttl_s: int | None = None) -> int:
+        return 0
+
+    def close(self) -> None:
+        """Nothing to release."""

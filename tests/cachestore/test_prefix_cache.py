@@ -7,7 +7,7 @@ import pytest
 
 from cachestore.codec import BlockSpec, encode_block
 from cachestore.kvstore import PrefixCache
-from cachestore.store import MemoryBlockStore
+from cachestore.store import MemoryBlockStore, NullBlockStore
 from tests.cachestore.conftest import Collect, make_payloads
 
 TOKENS = list(range(100, 124))  # 6 full blocks of 4 tokens
@@ -117,3 +117,12 @@ def test_short_or_foreign_values_are_rejected(cache: PrefixCache, stored: bytes)
     assert cache.fetch_prefix(hashes, sink) == 0
     assert sink.blocks == []
     assert cache.stats.integrity_failures("truncated") == 1
+
+
+def test_null_store_misses_everything(spec: BlockSpec) -> None:
+    cache = PrefixCache(NullBlockStore(), spec)
+    hashes = cache.block_hashes(TOKENS)
+    assert cache.publish(hashes, list(make_payloads(spec, len(hashes)))) == 0
+    assert cache.lookup(hashes) == 0
+    assert cache.fetch_prefix(hashes, Collect()) == 0
+    assert cache.stats.count("misses") == len(hashes)
