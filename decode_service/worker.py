@@ -91,8 +91,8 @@ class DecodeWorker:
 
     async def _stream(self, req: GenerationRequest, arrived: float,
                       time_left_s: float | None) -> AsyncIterator[TokenDelta | Completion]:
-        token_ids = await asyncio.to_thread(self._prompt_ids, req)
-        plan = await self._plan(req, token_ids, arrived, time_left_s)
+        token_ids, hashes = await asyncio.to_thread(self._prepare, req)
+        plan = await self._plan(req, token_ids, hashes, arrived, time_left_s)
         seq = Sequence(uuid.uuid4().hex, token_ids, req.params)
         events: asyncio.Queue[object] = asyncio.Queue()
         self.scheduler.submit(Admission(seq, plan.hashes, plan.payloads, events, time.monotonic()))
@@ -106,6 +106,11 @@ class DecodeWorker:
                 self.scheduler.abort(seq.seq_id)
 
     # -- before any compute: the prompt and its checks ---------------------------------
+
+    def _prepare(self, req: GenerationRequest) -> tuple[list[int], list[BlockHash]]:
+        """The checked prompt ids and the chained hashes of its full blocks."""
+        ids = self._prompt_ids(req)
+        return ids, self.runtime.cache.block_hashes(ids, req.cache_salt)
 
     def _prompt_ids(self, req: GenerationRequest) -> list[int]:
         tokenizer = self.runtime.loaded.tokenizer
@@ -141,11 +146,10 @@ class DecodeWorker:
 
     # -- store and prefill worker -------------------------------------------------------
 
-    async def _plan(self, req: GenerationRequest, ids: list[int], arrived: float,
-                    time_left_s: float | None) -> _Plan:
+    async def _plan(self, req: GenerationRequest, ids: list[int], hashes: list[BlockHash],
+                    arrived: float, time_left_s: float | None) -> _Plan:
         rt = self.runtime
         bs = rt.spec.block_size
-        hashes = rt.cache.block_hashes(ids, req.cache_salt)
         cached = await rt.on_store("lookup", rt.cache.lookup, hashes) if hashes else 0
         rt.metrics.queried_tokens.inc(len(hashes) * bs)
         started = time.monotonic()
@@ -246,4 +250,5 @@ def _as_service_error(exc: Exception, input_field: str) -> Exception:
 
 
 def _publish(rt: Runtime, hashes: list[BlockHash], payloads: list[np.ndarray]) -> None:
-    rt.metrics.published_blocks.inc(rt.cache.publish(hashes, payloads))
+    with rt.metrics.store_call.labels("publish").time():
+        rt.metrics.published_blocks.inc(rt.cache.publish(hashes, payloads))

@@ -35,6 +35,7 @@ async def run(config: PrefillConfig) -> None:
     async def warm_up() -> None:
         runtime = await asyncio.to_thread(build_runtime, config, metrics)
         servicer.worker = PrefillWorker(runtime, config.max_requests)
+        await servicer.worker.warm()
 
     def on_stop() -> None:
         if servicer.worker is not None:

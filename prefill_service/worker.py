@@ -98,6 +98,12 @@ class PrefillWorker:
         rt.metrics.published_blocks.inc(published)
         return PrefillResult(stored * bs, computed, published, compute_ms)
 
+    async def warm(self) -> None:
+        """One block's prefill on the compute thread, so the first call pays no warm-up."""
+        job = PrefillJob([1] * self.runtime.spec.block_size, "", [], "", "warm-up")
+        await asyncio.get_running_loop().run_in_executor(self.runtime.compute, self._compute,
+                                                         job, [], 1)
+
     def _compute(self, job: PrefillJob, payloads: list[bytes], num_blocks: int) -> tuple[int, list]:
         """On the compute thread: import the cached prefix, compute the rest, export copies."""
         runner = self.runtime.runner

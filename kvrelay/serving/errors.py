@@ -1,5 +1,7 @@
 """One error interceptor: documented failures keep their status, the rest become INTERNAL.
 
+Request bytes that do not parse are answered INVALID_ARGUMENT before any handler runs.
+
 Domain code raises ``ServiceError`` (or ``invalid_argument``) for failures with a
 documented status code. Anything else is logged with a fresh error id and answered with
 INTERNAL and a generic message naming only that id: exception text never reaches a client.
@@ -40,8 +42,33 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, meth
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error (error id {error_id})")
 
 
+class _Malformed:
+    """Stands for request bytes that did not parse; the handler answers INVALID_ARGUMENT."""
+
+
+MALFORMED = _Malformed()
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception:  # noqa: BLE001 - any parse failure is the client's malformed input
+            return MALFORMED
+    return parse
+
+
+async def _reject_malformed(request: Any, context: grpc.aio.ServicerContext) -> None:
+    if request is MALFORMED:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request: not a valid protobuf message")
+
+
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await _reject_malformed(request, context)
         try:
             return await behavior(request, context)
         except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -53,6 +80,7 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callabl
 
 def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
     async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await _reject_malformed(request, context)
         try:
             async for item in behavior(request, context):
                 yield item
@@ -75,9 +103,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         return grpc.unary_stream_rpc_method_handler(
             _wrap_stream(handler.unary_stream, method),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer)
