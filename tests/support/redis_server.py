@@ -1,7 +1,9 @@
 """Start and stop real ``redis-server`` processes for tests (and benchmarks).
 
 Every server binds 127.0.0.1 on a free port, keeps nothing on disk (``--save ""
---appendonly no``), runs in its own temporary directory and is stopped by its pid.
+--appendonly no``), runs in its own temporary directory and is stopped by its pid; where
+util-linux ``setpriv`` exists it also gets SIGTERM if the process that started it dies
+first (start servers from the main thread: the kernel ties this to the starting thread).
 ``redis_server``, ``redis_cluster`` and ``redis_tls`` are pytest fixtures that always
 stop what they started; import them into a ``conftest.py`` to use them.
 
@@ -145,7 +147,10 @@ def start_redis(extra_args: Sequence[str] = (), *, password: str | None = None,
 
 
 def _spawn(command: Sequence[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(list(command), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    setpriv = shutil.which("setpriv")  # util-linux: exec with a parent-death signal
+    prefix = [setpriv, "--pdeathsig", "TERM"] if setpriv else []
+    return subprocess.Popen(prefix + list(command), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
 
 
 def _wait_until_ready(server: RedisServer) -> None:
