@@ -1,0 +1,168 @@
+"""LLMEngine on the built-in tiny model: streaming text, stop conditions, continuous
+batching, abort, preemption, imported KV and input checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.engine import LLMEngine, StepOutput
+from engine.loader import LoadedModel, load_model
+from engine.runner import ModelRunner
+from engine.sampling import InvalidRequest, SamplingParams
+from engine.sequence import Sequence
+
+PROMPTS = ["Once upon a time", "The quick brown fox", "kvrelay serves"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir: Path) -> LoadedModel:
+    return load_model(str(tiny_model_dir))
+
+
+def make_engine(loaded: LoadedModel, *, num_blocks: int = 64, block_size: int = 4,
+                **kwargs: object) -> LLMEngine:
+    runner = ModelRunner(loaded, num_blocks=num_blocks, block_size=block_size)
+    return LLMEngine(runner, loaded.tokenizer, **kwargs)  # type: ignore[arg-type]
+
+
+def run(engine: LLMEngine, seqs: list[Sequence]) -> dict[str, list[StepOutput]]:
+    outs: dict[str, list[StepOutput]] = {s.seq_id: [] for s in seqs}
+    for seq in seqs:
+        engine.add(seq)
+    for _ in range(1000):
+        if not engine.has_unfinished:
+            return outs
+        for out in engine.step():
+            outs.setdefault(out.seq_id, []).append(out)
+    raise AssertionError("engine did not finish")
+
+
+def greedy(n: int, **kwargs: object) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, ignore_eos=True, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def reference(loaded: LoadedModel) -> list[list[int]]:
+    """Greedy 20-token continuations of PROMPTS, each run alone."""
+    engine = make_engine(loaded)
+    return [engine.generate([p], greedy(20))[0].token_ids for p in PROMPTS]
+
+
+def test_streamed_text_deltas_concatenate_to_the_decoded_output(loaded: LoadedModel) -> None:
+    engine = make_engine(loaded)
+    seq = Sequence("s", loaded.tokenizer.encode(PROMPTS[0]), greedy(24))
+    outs = run(engine, [seq])["s"]
+    assert [o.token_id for o in outs] == seq.output_ids and len(outs) == 24
+    assert "".join(o.text for o in outs) == loaded.tokenizer.decode(seq.output_ids)
+    assert outs[-1].finished and outs[-1].finish_reason == "length"
+    assert not any(o.finished for o in outs[:-1])
+
+
+def test_stop_string_cuts_the_text_before_it(loaded: LoadedModel) -> None:
+    engine = make_engine(loaded)
+    full = engine.generate([PROMPTS[1]], greedy(24))[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    result = engine.generate([PROMPTS[1]], greedy(24, stop=(stop,)))[0]
+    assert result.finish_reason == "stop"
+    assert result.text == full[:full.index(stop)]
+
+
+def test_stop_token_and_eos_end_generation_unless_eos_is_ignored(
+        loaded: LoadedModel, reference: list[list[int]]) -> None:
+    engine = make_engine(loaded)
+    target = reference[0][5]
+    cut = reference[0].index(target) + 1
+    by_stop_id = engine.generate([PROMPTS[0]], greedy(20, stop_token_ids=(target,)))[0]
+    assert by_stop_id.token_ids == reference[0][:cut] and by_stop_id.finish_reason == "stop"
+    engine.eos_token_ids = frozenset({target})
+    by_eos = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=20))[0]
+    assert by_eos.token_ids == reference[0][:cut] and by_eos.finish_reason == "stop"
+    ignored = engine.generate([PROMPTS[0]], greedy(20))[0]
+    assert ignored.token_ids == reference[0] and ignored.finish_reason == "length"
+
+
+def test_batched_generation_matches_each_prompt_alone(loaded: LoadedModel,
+                                                      reference: list[list[int]]) -> None:
+    results = make_engine(loaded).generate(PROMPTS, greedy(20))
+    assert [r.token_ids for r in results] == reference
+
+
+def test_a_sequence_joining_mid_run_does_not_change_the_others(
+        loaded: LoadedModel, reference: list[list[int]]) -> None:
+    engine = make_engine(loaded)
+    tok = loaded.tokenizer
+    first = Sequence("a", tok.encode(PROMPTS[0]), greedy(20))
+    engine.add(first)
+    for _ in range(5):
+        engine.step()
+    late = Sequence("b", tok.encode(PROMPTS[2]), greedy(20))
+    run(engine, [late])
+    assert first.output_ids == reference[0] and late.output_ids == reference[2]
+
+
+def test_preemption_under_a_small_pool_gives_the_same_tokens(
+        loaded: LoadedModel, reference: list[list[int]]) -> None:
+    engine = make_engine(loaded, num_blocks=12, block_size=4)
+    seqs = [Sequence(str(i), loaded.tokenizer.encode(p), greedy(20)) for i, p in enumerate(PROMPTS)]
+    run(engine, seqs)
+    assert [s.output_ids for s in seqs] == reference
+    assert engine.runner.allocator.num_free == 12
+
+
+def test_abort_frees_kv_at_once(loaded: LoadedModel) -> None:
+    engine = make_engine(loaded, num_blocks=32)
+    running = Sequence("r", loaded.tokenizer.encode(PROMPTS[0]), greedy(50))
+    waiting = Sequence("w", loaded.tokenizer.encode(PROMPTS[1]), greedy(50))
+    engine.add(running)
+    engine.step()
+    engine.add(waiting)
+    assert engine.runner.allocator.num_free < 32
+    assert engine.abort("r") and engine.abort("w") and not engine.abort("missing")
+    assert engine.runner.allocator.num_free == 32 and not engine.has_unfinished
+    assert running.finish_reason == "abort"
+
+
+def test_sequence_arriving_with_imported_kv_continues_identically(
+        loaded: LoadedModel, reference: list[list[int]]) -> None:
+    prompt = loaded.tokenizer.encode(PROMPTS[1])
+    producer = ModelRunner(loaded, num_blocks=16, block_size=2)
+    cold = Sequence("cold", prompt)
+    producer.prefill([cold])
+    engine = make_engine(loaded, block_size=2)
+    warm = Sequence("warm", prompt, greedy(20))
+    full = len(prompt) // 2
+    engine.runner.import_blocks(warm, [producer.export_block(cold, i).numpy() for i in range(full)])
+    run(engine, [warm])
+    assert warm.output_ids == reference[1]
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(loaded: LoadedModel) -> None:
+    params = SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.95, seed=1234,
+                            ignore_eos=True)
+    alone = make_engine(loaded).generate([PROMPTS[0]], params)[0].token_ids
+    others = SamplingParams(max_new_tokens=16, temperature=1.2, seed=99, ignore_eos=True)
+    engine = make_engine(loaded)
+    tok = loaded.tokenizer
+    seqs = [Sequence("x", tok.encode(PROMPTS[1]), others), Sequence("me", tok.encode(PROMPTS[0]), params),
+            Sequence("y", tok.encode(PROMPTS[2]), greedy(16))]
+    run(engine, seqs)
+    assert seqs[1].output_ids == alone
+
+
+@pytest.mark.parametrize(("field", "token_ids", "params"), [
+    ("prompt", [], SamplingParams()),
+    ("prompt", [10**6], SamplingParams()),
+    ("prompt", [1] * 10_000, SamplingParams()),
+    ("max_new_tokens", [1, 2, 3], SamplingParams(max_new_tokens=10**5)),
+    ("temperature", [1, 2, 3], SamplingParams(temperature=float("nan"))),
+])
+def test_invalid_requests_are_refused_naming_the_field(loaded: LoadedModel, field: str,
+                                                       token_ids: list[int],
+                                                       params: SamplingParams) -> None:
+    engine = make_engine(loaded, num_blocks=8)
+    with pytest.raises(InvalidRequest) as err:
+        engine.add(Sequence("bad", token_ids, params))
+    assert err.value.field == field
+    assert not engine.has_unfinished
