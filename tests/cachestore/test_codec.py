@@ -121,3 +121,11 @@ def test_a_pickle_is_rejected_without_being_loaded(spec: BlockSpec) -> None:
 def test_wrong_payload_size_is_refused_on_encode(spec: BlockSpec) -> None:
     with pytest.raises(ValueError):
         encode_block(spec, HASH, np.zeros(3, np.float32))
+
+
+@settings(max_examples=300, deadline=None)
+@given(spec=specs, junk=st.binary(max_size=1200), with_magic=st.booleans())
+def test_arbitrary_bytes_are_rejected_with_a_reason(spec: BlockSpec, junk: bytes,
+                                                    with_magic: bool) -> None:
+    value = MAGIC + struct.pack("<H", CODEC_VERSION) + junk if with_magic else junk
+    assert isinstance(_reason(value, spec), RejectReason)
