@@ -5,7 +5,7 @@ model.safetensors, tokenizer.json, tokenizer_config.json with a ChatML chat temp
 generation_config.json) that both kvrelay and HF transformers load. Tests use it as the
 reference model, and it is the default model when no demo model is installed.
 
-The tokenizer is a byte-level BPE trained on ``_CORPUS`` below. Weights are drawn from one
+The tokenizer is a byte-level BPE trained on ``CORPUS`` below. Weights are drawn from one
 seeded generator with scales chosen so the logits are spread wide (std of a few units): the
 greedy choice of the random model is never a near-tie that float noise could flip.
 Same arguments give byte-identical files.
@@ -62,7 +62,7 @@ _DEFAULT_CONFIG: dict[str, Any] = {
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-_CORPUS = """\
+CORPUS = """\
 The little town sat beside a wide, slow river. Every morning the baker opened her shop
 before the sun was up, and the smell of fresh bread drifted down the quiet street. The
 children walked to school along the river path, counting boats and talking about the
@@ -123,7 +123,7 @@ def train_tokenizer() -> Tokenizer:
     trainer = trainers.BpeTrainer(
         vocab_size=TOKENIZER_VOCAB_SIZE, min_frequency=1, show_progress=False,
         special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer=trainer)
+    tokenizer.train_from_iterator(CORPUS.splitlines(keepends=True), trainer=trainer)
     return tokenizer
 
 

@@ -173,41 +173,43 @@ def _chat_template(directory: Path, config: Mapping[str, Any]) -> str | None:
 class IncrementalDetokenizer:
     """Turns generated ids, one at a time, into text deltas for streaming.
 
-    ``push`` returns only text that is final: while the decoded tail ends in an incomplete
-    UTF-8 sequence (a byte-level piece of a multi-byte character) it returns "" and holds the
-    ids back. ``flush`` returns whatever is still held at the end of the stream. The deltas of
-    every ``push`` plus ``flush`` concatenate to ``tokenizer.decode(all ids)``.
+    ``push`` returns only text that is final. It holds ids back while their text ends in an
+    incomplete UTF-8 sequence (a byte-level piece of a multi-byte character) or is still
+    empty (skipped special tokens, which would otherwise change how a decoder treats the
+    first visible token). ``flush`` returns what is held at the end of the stream. The deltas
+    of every ``push`` plus ``flush`` concatenate to ``tokenizer.decode(all ids)``.
 
-    Only a short window of ids is decoded per call: ids from ``_prefix`` (the start of the
-    last emitted piece, decoded again so decoders that treat the first token specially see
-    the same context) up to the end.
+    Only the held ids are decoded per call, after an anchor (the ids of ``"a"``): decoders
+    that treat the first token of a text specially (dropping a sentencepiece word's leading
+    space) then see the held ids in the same position as in the whole text.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
-        self._ids: list[int] = []
-        self._prefix = 0  # window start: first id of the last emitted piece
-        self._read = 0  # ids before this are emitted
+        self._anchor = tokenizer.encode("a", add_special_tokens=False)
+        self._anchor_text = tokenizer.decode(self._anchor)
+        self._held: list[int] = []
+        self._started = False  # some text was emitted: later ids decode after the anchor
 
     def push(self, token_id: int) -> str:
-        self._ids.append(token_id)
-        prefix_text, text = self._window()
-        if text.endswith(_REPLACEMENT_CHAR):
+        self._held.append(token_id)
+        text = self._decode_held()
+        if not text or text.endswith(_REPLACEMENT_CHAR):
             return ""
-        return self._advance(prefix_text, text)
+        return self._release(text)
 
     def flush(self) -> str:
-        """Text still held back (an incomplete character at the end of the stream)."""
-        if self._read == len(self._ids):
-            return ""
-        return self._advance(*self._window())
+        """Text still held back at the end of the stream."""
+        return self._release(self._decode_held()) if self._held else ""
 
-    def _window(self) -> tuple[str, str]:
-        window = self._ids[self._prefix:]
-        prefix_text = self._tokenizer.decode(window[:self._read - self._prefix], self._skip)
-        return prefix_text, self._tokenizer.decode(window, self._skip)
+    def _decode_held(self) -> str:
+        if not self._started:
+            return self._tokenizer.decode(self._held, self._skip)
+        text = self._tokenizer.decode(self._anchor + self._held, self._skip)
+        return text[len(self._anchor_text):]
 
-    def _advance(self, prefix_text: str, text: str) -> str:
-        self._prefix, self._read = self._read, len(self._ids)
-        return text[len(prefix_text):]
+    def _release(self, text: str) -> str:
+        self._held.clear()
+        self._started = self._started or bool(text)
+        return text

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import jinja2
 import pytest
+import tokenizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.tiny import CORPUS
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerLoadError
 
 TEXTS = ["Hello world", " leading space and  two", "Café naïve 日本 😀",
@@ -114,3 +116,46 @@ def test_detokenizer_deltas_concatenate_to_decode(tok: Tokenizer, ids: list[int]
     detok = IncrementalDetokenizer(tok, skip_special_tokens=skip_special)
     deltas = [detok.push(i) for i in ids]
     assert "".join(deltas) + detok.flush() == tok.decode(ids, skip_special)
+
+
+# Sentencepiece-style decoders drop the leading space of a text's first word.
+SENTENCEPIECE_DECODERS = {
+    "metaspace": lambda: tokenizers.decoders.Metaspace(prepend_scheme="first"),
+    "llama2-chain": lambda: tokenizers.decoders.Sequence([
+        tokenizers.decoders.Replace("\u2581", " "), tokenizers.decoders.ByteFallback(),
+        tokenizers.decoders.Fuse(), tokenizers.decoders.Strip(" ", 1, 0)]),
+}
+
+
+SP_VOCAB = 400
+
+
+@pytest.fixture(scope="module", params=sorted(SENTENCEPIECE_DECODERS))
+def sp_tok(request: pytest.FixtureRequest) -> Tokenizer:
+    """A small sentencepiece-style BPE (words start with U+2581) trained on the tiny corpus."""
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(prepend_scheme="first")
+    backend.decoder = SENTENCEPIECE_DECODERS[request.param]()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=SP_VOCAB, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+        show_progress=False)
+    backend.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    assert backend.get_vocab_size() == SP_VOCAB
+    return Tokenizer(backend)
+
+
+def test_sentencepiece_style_streaming_keeps_word_spaces(sp_tok: Tokenizer) -> None:
+    ids = sp_tok.encode("<|im_start|>Hello world again")
+    detok = IncrementalDetokenizer(sp_tok)
+    text = "".join(detok.push(i) for i in ids) + detok.flush()
+    assert text == sp_tok.decode(ids) == "Hello world again"
+
+
+@settings(max_examples=150, deadline=None)
+@given(ids=st.lists(st.integers(min_value=0, max_value=SP_VOCAB - 1), max_size=30),
+       skip_special=st.booleans())
+def test_sentencepiece_style_deltas_concatenate_to_decode(sp_tok: Tokenizer, ids: list[int],
+                                                          skip_special: bool) -> None:
+    detok = IncrementalDetokenizer(sp_tok, skip_special_tokens=skip_special)
+    deltas = [detok.push(i) for i in ids]
+    assert "".join(deltas) + detok.flush() == sp_tok.decode(ids, skip_special)
