@@ -16,11 +16,14 @@ from protos.kvrelay.v1 import prefill_pb2_grpc as pb_grpc
 
 
 class PrefillClient:
-    """One channel to one prefill worker (created on the running event loop)."""
+    """One channel (TLS when given credentials) to one prefill worker, made on the running loop."""
 
-    def __init__(self, addr: str, max_message_bytes: int) -> None:
+    def __init__(self, addr: str, max_message_bytes: int,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.addr = addr
-        self._channel = grpc.aio.insecure_channel(addr, options=message_size_options(max_message_bytes))
+        options = message_size_options(max_message_bytes)
+        self._channel = grpc.aio.secure_channel(addr, credentials, options=options) \
+            if credentials else grpc.aio.insecure_channel(addr, options=options)
         self._stub = pb_grpc.PrefillStub(self._channel)
 
     async def prefill(self, token_ids: Sequence[int], cache_salt: str, block_hashes: Sequence[bytes],

@@ -18,6 +18,7 @@ from kvrelay.serving.lifecycle import Lifecycle
 from kvrelay.serving.metrics import WorkerMetrics
 from kvrelay.serving.runtime import Runtime, build_runtime
 from kvrelay.serving.server import build_server, serve
+from kvrelay.serving.tls import channel_credentials
 from protos.kvrelay.v1 import generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger("kvrelay.decode")
@@ -28,8 +29,12 @@ def build_worker(config: DecodeConfig, runtime: Runtime) -> DecodeWorker:
     """The worker and its batch thread (started on the running loop)."""
     engine = LLMEngine(runtime.runner, runtime.loaded.tokenizer,
                        max_batch_size=config.max_batch_size)
-    prefill = PrefillClient(config.prefill_addr, config.max_message_bytes) \
-        if config.prefill_addr else None
+    prefill = None
+    if config.prefill_addr:
+        credentials = channel_credentials(config.prefill_tls_ca_file, config.prefill_tls_cert_file,
+                                          config.prefill_tls_key_file) \
+            if config.prefill_tls_ca_file else None
+        prefill = PrefillClient(config.prefill_addr, config.max_message_bytes, credentials)
     worker = DecodeWorker(runtime, config, engine, prefill)
     worker.scheduler.start(asyncio.get_running_loop())
     return worker
@@ -64,4 +69,4 @@ async def run(config: DecodeConfig) -> None:
             servicer.worker.scheduler.stop()
             servicer.worker.runtime.close()
 
-    await serve(server, lifecycle, config.address, config.drain_grace_s, warm_up, on_stop)
+    await serve(server, lifecycle, config, warm_up, on_stop)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from kvrelay.serving.tls import channel_credentials
 from protos.kvrelay.v1 import generation_pb2 as pb
 from protos.kvrelay.v1 import generation_pb2_grpc as pb_grpc
 
@@ -40,11 +41,13 @@ def build_request(prompt: Prompt) -> pb.GenerateRequest:
     return request
 
 
-def open_channel(addr: str) -> grpc.Channel:
-    """An insecure channel to a decode worker with explicit message-size limits."""
-    return grpc.insecure_channel(addr, options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+def open_channel(addr: str, tls_ca_file: str = "") -> grpc.Channel:
+    """A channel to a worker with explicit message-size limits; TLS when given a CA bundle."""
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    if tls_ca_file:
+        return grpc.secure_channel(addr, channel_credentials(tls_ca_file), options=options)
+    return grpc.insecure_channel(addr, options=options)
 
 
 def generate(channel: grpc.Channel, request: pb.GenerateRequest, timeout_s: float) -> pb.GenerateResponse:

@@ -89,11 +89,12 @@ def wait_for_redis(port: int, timeout_s: float) -> None:
 
 
 def wait_until_serving(name: str, proc: subprocess.Popen[bytes], addr: str, timeout_s: float,
-                       progress: Progress, log_path: Path | None = None) -> None:
+                       progress: Progress, log_path: Path | None = None,
+                       tls_ca_file: str = "") -> None:
     """Until the worker at ``addr`` reports SERVING; raise if it exits or times out."""
     start = time.monotonic()
     last_note = start
-    while not is_serving(addr, timeout_s=1.0):
+    while not is_serving(addr, timeout_s=1.0, tls_ca_file=tls_ca_file):
         if proc.poll() is not None:
             tail = log_path.read_text()[-2000:] if log_path and log_path.exists() else ""
             raise RuntimeError(f"{name} exited with status {proc.returncode}\n{tail}")

@@ -11,10 +11,12 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvrelay.client import open_channel
 
-def is_serving(addr: str, service: str = "", timeout_s: float = 2.0) -> bool:
+
+def is_serving(addr: str, service: str = "", timeout_s: float = 2.0, tls_ca_file: str = "") -> bool:
     """Whether the worker at ``addr`` reports SERVING for ``service`` ("" = the whole worker)."""
-    with grpc.insecure_channel(addr) as channel:
+    with open_channel(addr, tls_ca_file) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
@@ -28,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--addr", default="127.0.0.1:50051", help="HOST:PORT of the worker")
     parser.add_argument("--service", default="", help="service name (default: the whole worker)")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds")
+    parser.add_argument("--tls-ca", default="", help="PEM CA bundle: probe over TLS")
     args = parser.parse_args(argv)
-    return 0 if is_serving(args.addr, args.service, args.timeout) else 1
+    return 0 if is_serving(args.addr, args.service, args.timeout, args.tls_ca) else 1
 
 
 if __name__ == "__main__":

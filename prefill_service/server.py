@@ -41,4 +41,4 @@ async def run(config: PrefillConfig) -> None:
         if servicer.worker is not None:
             servicer.worker.runtime.close()
 
-    await serve(server, lifecycle, config.address, config.drain_grace_s, warm_up, on_stop)
+    await serve(server, lifecycle, config, warm_up, on_stop)

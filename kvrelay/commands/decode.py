@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
 from decode_service.config import DecodeConfig
 from kvrelay.serving import settings
@@ -15,7 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    config = settings.from_args(DecodeConfig, args)
+    try:
+        config = settings.from_args(DecodeConfig, args)
+    except ValueError as exc:
+        print(f"kvrelay decode: {exc}", file=sys.stderr)
+        return 2
     configure_logging("decode", config.log_level)
     from decode_service.server import run  # torch loads only once the flags are good
 

@@ -23,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", action="store_true", help="render with the chat template")
     parser.add_argument("--json", action="store_true", help="print the final response as JSON")
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    parser.add_argument("--tls-ca", default="", help="PEM CA bundle: connect over TLS")
 
 
 def _summary(usage: pb.Usage, timings: pb.Timings, reason: int) -> str:
@@ -44,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
     request = build_request(Prompt(text=args.prompt, chat=args.chat, max_new_tokens=args.max_tokens,
                                    temperature=args.temperature, seed=args.seed,
                                    cache_salt=args.salt))
-    with open_channel(args.addr) as channel:
+    with open_channel(args.addr, args.tls_ca) as channel:
         try:
             if args.json:
                 reply = generate(channel, request, args.timeout)

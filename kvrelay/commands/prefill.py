@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
 from kvrelay.serving import settings
 from kvrelay.serving.logs import configure_logging
@@ -15,7 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    config = settings.from_args(PrefillConfig, args)
+    try:
+        config = settings.from_args(PrefillConfig, args)
+    except ValueError as exc:
+        print(f"kvrelay prefill: {exc}", file=sys.stderr)
+        return 2
     configure_logging("prefill", config.log_level)
     from prefill_service.server import run  # torch loads only once the flags are good
 

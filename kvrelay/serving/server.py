@@ -15,6 +15,8 @@ from grpc_reflection.v1alpha import reflection
 
 from kvrelay.serving.errors import ErrorInterceptor
 from kvrelay.serving.lifecycle import Lifecycle, LifecycleInterceptor
+from kvrelay.serving.tls import server_credentials
+from kvrelay.serving.worker_config import WorkerConfig
 
 log = logging.getLogger("kvrelay.server")
 
@@ -46,15 +48,26 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
-async def serve(server: grpc.aio.Server, lifecycle: Lifecycle, address: str, grace_s: float,
+def listen(server: grpc.aio.Server, config: WorkerConfig) -> None:
+    """Bind ``config.address``, over TLS when a certificate is configured."""
+    if config.tls:
+        port = server.add_secure_port(config.address, server_credentials(
+            config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file))
+    else:
+        port = server.add_insecure_port(config.address)
+    if not port:
+        raise OSError(f"cannot listen on {config.address}")
+
+
+async def serve(server: grpc.aio.Server, lifecycle: Lifecycle, config: WorkerConfig,
                 warm_up: Callable[[], Awaitable[None]], on_stop: Callable[[], None]) -> None:
-    """Listen on ``address`` (NOT_SERVING), warm up, serve; on a signal drain and stop."""
+    """Listen (NOT_SERVING), warm up, serve; on SIGTERM/SIGINT drain and stop."""
     stop = _stop_event()
-    if not server.add_insecure_port(address):
-        raise OSError(f"cannot listen on {address}")
+    address, grace_s = config.address, config.drain_grace_s
+    listen(server, config)
     await lifecycle.loading()
     await server.start()
-    log.info("listening", extra={"address": address})
+    log.info("listening", extra={"address": address, "tls": config.tls})
     await warm_up()
     await lifecycle.serving()
     log.info("serving", extra={"address": address})

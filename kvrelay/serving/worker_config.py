@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvrelay.serving.settings import setting
+from kvrelay.serving.tls import is_loopback
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,27 @@ class WorkerConfig:
     max_message_bytes: int = setting(4 * 1024 * 1024, "gRPC message-size limit, both directions")
     drain_grace_s: float = setting(30.0, "on SIGTERM, how long in-flight requests may finish")
     log_level: str = setting("info", "log level")
+    tls_cert_file: str = setting("", "PEM certificate chain: serve gRPC over TLS (with tls_key_file)")
+    tls_key_file: str = setting("", "PEM private key of tls_cert_file")
+    tls_client_ca_file: str = setting("", "PEM CA bundle: require client certificates (mTLS)")
+    allow_plaintext: bool = setting(False, "serve plaintext gRPC on a non-loopback host (only "
+                                           "behind a trusted network, e.g. inside a cluster)")
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_blocks", "max_batch_size", "max_requests",
                      "max_message_bytes", "store_threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if not (self.tls or is_loopback(self.host) or self.allow_plaintext):
+            raise ValueError(f"refusing plaintext gRPC on {self.host}: set tls_cert_file and "
+                             "tls_key_file, or allow_plaintext on a trusted network")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)
 
     @property
     def address(self) -> str:

@@ -55,7 +55,8 @@ class Worker:
 
 
 def start_worker(role: str, model: Path, redis_url: str, log_dir: Path, *,
-                 prefill_addr: str | None = None, extra: tuple[str, ...] = ()) -> Worker:
+                 prefill_addr: str | None = None, extra: tuple[str, ...] = (),
+                 tls_ca_file: str = "") -> Worker:
     """Start ``kvrelay <role>`` and wait until its health service reports SERVING."""
     port, metrics_port = free_port(), free_port()
     cmd = worker_command(role, model=str(model), port=port, metrics_port=metrics_port,
@@ -67,7 +68,8 @@ def start_worker(role: str, model: Path, redis_url: str, log_dir: Path, *,
     worker = Worker(role, proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics",
                     log_path)
     try:
-        wait_until_serving(role, proc, worker.addr, READY_TIMEOUT_S, lambda _: None, log_path)
+        wait_until_serving(role, proc, worker.addr, READY_TIMEOUT_S, lambda _: None, log_path,
+                           tls_ca_file)
     except BaseException:
         worker.stop()
         raise

@@ -16,6 +16,7 @@ from kvrelay.serving import settings
 from kvrelay.serving.errors import invalid_argument
 from kvrelay.serving.lifecycle import Lifecycle
 from kvrelay.serving.server import build_server
+from kvrelay.serving.worker_config import WorkerConfig
 from protos.kvrelay.v1 import generation_pb2 as pb
 from protos.kvrelay.v1 import generation_pb2_grpc as pb_grpc
 
@@ -126,3 +127,13 @@ def test_settings_take_flags_over_environment_over_defaults() -> None:
     assert _parse(["--name", "x"], {}).name == "x"
     with pytest.raises(ValueError):
         _parse([], {"KVRELAY_ON": "maybe"})
+
+
+def test_plaintext_is_refused_off_loopback_unless_allowed() -> None:
+    assert WorkerConfig().host == "127.0.0.1"
+    with pytest.raises(ValueError, match="plaintext"):
+        WorkerConfig(host="0.0.0.0")
+    assert WorkerConfig(host="0.0.0.0", allow_plaintext=True).address == "0.0.0.0:50051"
+    assert WorkerConfig(host="10.0.0.5", tls_cert_file="c.pem", tls_key_file="k.pem").tls
+    with pytest.raises(ValueError, match="together"):
+        WorkerConfig(tls_cert_file="c.pem")
