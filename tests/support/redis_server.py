@@ -127,11 +127,26 @@ def _base_args(port: int, workdir: Path, tls: TlsFiles | None) -> list[str]:
                    "--tls-auth-clients", "no"]
 
 
+class ServerExitedEarly(RuntimeError):
+    """redis-server stopped before answering (bad arguments, or its port was taken)."""
+
+
 def start_redis(extra_args: Sequence[str] = (), *, password: str | None = None,
                 tls: TlsFiles | None = None, port: int | None = None,
                 with_bus: bool = False) -> RedisServer:
-    """Start redis-server on a free 127.0.0.1 port and wait until it answers PING."""
-    port = port or free_port(with_bus=with_bus)
+    """Start redis-server on a free 127.0.0.1 port (or ``port``) and wait until it answers
+    PING; a free port taken by someone else in the meantime is retried with another."""
+    for attempt in range(3):
+        try:
+            return _start_once(extra_args, password, tls, port or free_port(with_bus=with_bus))
+        except ServerExitedEarly:
+            if port is not None or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_once(extra_args: Sequence[str], password: str | None, tls: TlsFiles | None,
+                port: int) -> RedisServer:
     workdir = Path(tempfile.mkdtemp(prefix=f"kvrelay-redis-{port}-"))
     args = _base_args(port, workdir, tls) + list(extra_args)
     if password is not None:
@@ -157,14 +172,15 @@ def _wait_until_ready(server: RedisServer) -> None:
     deadline = time.monotonic() + _START_TIMEOUT_S
     while True:
         if server.process.poll() is not None:
-            raise RuntimeError(f"redis-server exited early:\n{server.log()[-2000:]}")
+            raise ServerExitedEarly(f"redis-server exited early:\n{server.log()[-2000:]}")
         try:
             with contextlib.closing(server.client(socket_timeout=1)) as client:
-                if client.ping():
+                if client.info("server")["process_id"] == server.pid:  # not another server
                     return
         except redis.RedisError:
-            if time.monotonic() > deadline:
-                raise
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"redis-server on port {server.port} did not answer in time")
         time.sleep(0.05)
 
 
