@@ -80,6 +80,8 @@ class PrefixCache:
 
     def publish(self, hashes: Sequence[BlockHash], payloads: Sequence[Payload]) -> int:
         """Store ``payloads[i]`` as block ``hashes[i]`` (SET NX); returns how many were new."""
+        if len(hashes) != len(payloads):
+            raise ValueError(f"{len(hashes)} hashes but {len(payloads)} payloads")
         started = time.monotonic()
         written = 0
         for start in range(0, len(hashes), self._batch_blocks):

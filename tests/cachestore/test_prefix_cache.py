@@ -126,3 +126,9 @@ def test_null_store_misses_everything(spec: BlockSpec) -> None:
     assert cache.lookup(hashes) == 0
     assert cache.fetch_prefix(hashes, Collect()) == 0
     assert cache.stats.count("misses") == len(hashes)
+
+
+def test_publish_refuses_mismatched_lengths(cache: PrefixCache) -> None:
+    hashes = cache.block_hashes(TOKENS)
+    with pytest.raises(ValueError):
+        cache.publish(hashes, list(make_payloads(cache.spec, len(hashes) - 1)))
