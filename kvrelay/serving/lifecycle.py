@@ -8,6 +8,7 @@ serving; health and reflection calls always pass, so probes keep answering while
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -99,7 +100,7 @@ def _gated(behavior: Callable[..., Any], lifecycle: Lifecycle, streaming: bool) 
         finally:
             lifecycle.leave()
 
-    return stream if streaming else unary
+    return stream if streaming and inspect.isasyncgenfunction(behavior) else unary
 
 
 class LifecycleInterceptor(grpc.aio.ServerInterceptor):

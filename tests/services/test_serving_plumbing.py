@@ -97,6 +97,16 @@ def test_a_loading_worker_is_not_serving_and_refuses_work() -> None:
     _run(body, serving=False)
 
 
+def test_health_watch_streams_the_status() -> None:
+    async def body(channel: grpc.aio.Channel) -> None:
+        call = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service="kvrelay.v1.Generation"), timeout=5)
+        assert (await call.read()).status == health_pb2.HealthCheckResponse.SERVING
+        call.cancel()
+
+    _run(body)
+
+
 def test_messages_over_the_size_limit_are_resource_exhausted() -> None:
     async def body(channel: grpc.aio.Channel) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as err:
