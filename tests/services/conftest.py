@@ -16,12 +16,14 @@ from pathlib import Path
 import grpc
 import pytest
 
+from cachestore.hashing import block_key, hash_block_chain
 from engine.engine import LLMEngine
 from engine.loader import load_model
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
 from kvrelay.client import open_channel
 from kvrelay.cluster import free_port, stop_process, wait_until_serving, worker_command
+from kvrelay.serving.runtime import block_spec
 from tests.support.redis_server import RedisServer, start_redis
 
 BLOCK_SIZE = 16
@@ -119,6 +121,13 @@ class Reference:
     def __init__(self, model_dir: Path) -> None:
         self.loaded = load_model(str(model_dir))
         self.tokenizer = self.loaded.tokenizer
+
+    def block_keys(self, prompt_ids: list[int], block_size: int, cache_salt: str) -> list[str]:
+        """Store keys of the prompt's full blocks, as the workers name them."""
+        runner = ModelRunner(self.loaded, num_blocks=1, block_size=block_size)
+        fingerprint = block_spec(self.loaded, runner).fingerprint
+        return [block_key(fingerprint, h)
+                for h in hash_block_chain(prompt_ids, block_size, fingerprint, cache_salt)]
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         engine = LLMEngine(ModelRunner(self.loaded, num_blocks=256, block_size=BLOCK_SIZE),

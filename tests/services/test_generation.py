@@ -163,3 +163,46 @@ def test_a_prompt_longer_than_the_context_is_invalid_argument(cluster: Cluster) 
         _generate(cluster.decodes[1], too_long)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith("token_ids:")
+
+
+def test_a_prompt_of_whole_blocks_is_served_entirely_from_the_store(
+        cluster: Cluster, reference: Reference) -> None:
+    ids = reference.tokenizer.encode(SYSTEM * 2)[:4 * BLOCK_SIZE]
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), cache_salt="whole-blocks",
+                                 sampling=pb.SamplingParams(max_new_tokens=8))
+    cold = _generate(cluster.decodes[0], request)
+    warm = _generate(cluster.decodes[1], request)
+    assert warm.usage.cached_prompt_tokens == len(ids)
+    assert list(cold.token_ids) == list(warm.token_ids) == reference.greedy(ids, 8)
+
+
+def test_a_block_evicted_from_the_middle_ends_the_reused_prefix(
+        cluster: Cluster, reference: Reference) -> None:
+    prompt = SYSTEM + "What if a block goes missing?"
+    ids = reference.tokenizer.encode(prompt)
+    _generate(cluster.decodes[0], _request(prompt, salt="evicted"))
+    keys = reference.block_keys(ids, BLOCK_SIZE, "evicted")
+    assert cluster.redis.client().delete(keys[2]) == 1
+    reply = _generate(cluster.decodes[1], _request(prompt, salt="evicted"))
+    assert reply.usage.cached_prompt_tokens == 2 * BLOCK_SIZE
+    assert list(reply.token_ids) == reference.greedy(ids, 12)
+
+
+def test_stop_strings_cut_the_text(cluster: Cluster) -> None:
+    free = _generate(cluster.decodes[0], _request(SYSTEM + "Say something.", max_new_tokens=24))
+    words = [w for w in free.text.split() if w.isascii() and w.isalpha() and len(w) >= 3]
+    assert words, f"no plain word to stop at in {free.text!r}"
+    stop = words[0]
+    request = _request(SYSTEM + "Say something.", max_new_tokens=24)
+    request.sampling.stop.append(stop)
+    cut = _generate(cluster.decodes[0], request)
+    assert cut.text == free.text[:free.text.index(stop)]
+    assert cut.finish_reason == pb.FINISH_REASON_STOP
+
+
+def test_logprobs_come_with_every_token(cluster: Cluster) -> None:
+    request = _request(SYSTEM + "Give me numbers.", max_new_tokens=6)
+    request.sampling.logprobs = True
+    reply = _generate(cluster.decodes[0], request)
+    assert len(reply.logprobs) == len(reply.token_ids) > 0
+    assert all(p <= 0.0 for p in reply.logprobs)
