@@ -233,6 +233,31 @@ def _table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def per_block_cost_us(server: RedisServer, repeat: int, blocks: int = 1000
+                      ) -> dict[str, float]:
+    """Fixed cost of one block (put and get), measured with 1000 blocks of 512 bytes."""
+    spec = BlockSpec(FINGERPRINT, "float32", num_layers=1, block_size=16, num_kv_heads=1,
+                     head_dim=4)
+    cache = PrefixCache(RedisBlockStore.from_url(server.url(), timeout_s=10.0), spec)
+    hashes = cache.block_hashes(list(range(16 * blocks)))
+    payloads = [np.zeros(spec.shape, np.float32)] * blocks
+    best = {"put": float("inf"), "get": float("inf")}
+    with contextlib.closing(server.client()) as admin:
+        for _ in range(repeat):
+            admin.flushall()
+            best["put"] = min(best["put"], _seconds(lambda: cache.publish(hashes, payloads)))
+            best["get"] = min(best["get"], _seconds(
+                lambda: cache.fetch_prefix(hashes, lambda i, p: None)))
+    cache.store.close()
+    return {op: round(seconds / blocks * 1e6, 1) for op, seconds in best.items()}
+
+
+def _seconds(call: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -250,12 +275,16 @@ def main(argv: list[str] | None = None) -> None:
                 work.cache.store.close()
                 with contextlib.closing(server.client()) as admin:
                     admin.flushall()
+        per_block = per_block_cost_us(server, args.repeat)
     finally:
         server.stop()
     print(_table(rows))
+    print(f"fixed cost per block (best of {args.repeat}, 1000 blocks of 512 B): "
+          f"put {per_block['put']} us, get {per_block['get']} us")
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"results": rows, "tokens": TOKENS, "model_shape": SMOLLM2_135M,
+            json.dump({"results": rows, "per_block_us": per_block, "tokens": TOKENS,
+                       "model_shape": SMOLLM2_135M,
                        "repeat": args.repeat, "cpus": os.cpu_count(),
                        "python": platform.python_version(), "redis_py": redis.__version__},
                       out, indent=2)
