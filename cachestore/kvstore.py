@@ -116,7 +116,8 @@ class PrefixCache:
             accepted += 1
             return True
 
-        self.store.get_each(self.keys(batch), visit, arena=self._arena())
+        self.store.get_each(self.keys(batch), visit, arena=self._arena(),
+                            max_value_bytes=self.spec.value_nbytes)
         if sink_error is not None:
             raise sink_error  # the caller's own failure, not a store error
         return accepted

@@ -28,8 +28,10 @@ Route = list[tuple[Any, list[int]]]
 
 
 def run_pipeline(route: Route, commands: Sequence[Sequence[Buffer]], on_reply: OnReply,
-                 arena: Arena | None, deadline: float, socket_timeout: float) -> None:
-    """Send ``commands`` over the pools in ``route`` and hand over replies in order."""
+                 arena: Arena | None, deadline: float, socket_timeout: float,
+                 max_bulk: int | None = None) -> None:
+    """Send ``commands`` over the pools in ``route`` and hand over replies in order
+    (bulk replies over ``max_bulk`` bytes arrive as ``TooLarge``)."""
     leased: list[tuple[Any, Any]] = []
     try:
         readers = []
@@ -39,7 +41,7 @@ def run_pipeline(route: Route, commands: Sequence[Sequence[Buffer]], on_reply: O
             sock = conn._sock  # redis-py has connected and authenticated it
             sock.settimeout(max(deadline - time.monotonic(), 1e-3))
             send_buffers(sock, itertools.chain.from_iterable(commands[i] for i in indices))
-            readers.append(ReplyReader(sock, deadline))
+            readers.append(ReplyReader(sock, deadline, max_bulk))
         _read_in_order(route, readers, len(commands), on_reply, arena)
         for _, conn in leased:
             conn._sock.settimeout(socket_timeout)

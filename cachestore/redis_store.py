@@ -27,7 +27,7 @@ from redis.exceptions import AuthenticationError, AuthorizationError, RedisClust
 
 from cachestore.arena import Arena
 from cachestore.pipeline import OnReply, Route, run_pipeline
-from cachestore.resp import Reply, ReplyError, pack_command, pack_set
+from cachestore.resp import Reply, ReplyError, TooLarge, pack_command, pack_set
 from cachestore.stats import CacheStats
 from cachestore.store import PutItem, Visit
 
@@ -178,9 +178,9 @@ class RedisBlockStore:
         self._get(keys, keep, arena, recycle=False)
         return values
 
-    def get_each(self, keys: Sequence[str], visit: Visit, *, arena: Arena | None = None
-                 ) -> None:
-        self._get(keys, visit, arena or Arena(), recycle=True)
+    def get_each(self, keys: Sequence[str], visit: Visit, *, arena: Arena | None = None,
+                 max_value_bytes: int | None = None) -> None:
+        self._get(keys, visit, arena or Arena(), recycle=True, max_bulk=max_value_bytes)
 
     def put_many(self, items: Sequence[PutItem], ttl_s: int | None = None) -> int:
         sizes = [sum(memoryview(p).nbytes for p in parts) for _, parts in items]
@@ -203,11 +203,13 @@ class RedisBlockStore:
         self._router.close()
 
     def _get(self, keys: Sequence[str], visit: Visit, arena: Arena | None,
-             recycle: bool) -> None:
+             recycle: bool, max_bulk: int | None = None) -> None:
         received = 0
 
         def on_reply(index: int, reply: Reply) -> bool:
             nonlocal received
+            if isinstance(reply, TooLarge):
+                self.stats.integrity("too_large", keys[index])
             value = memoryview(reply) if isinstance(reply, (bytes, memoryview)) else None
             received += value.nbytes if value is not None else 0
             go_on = visit(index, value)
@@ -217,11 +219,12 @@ class RedisBlockStore:
 
         encoded = _encode(keys)
         self._call("get", encoded, [[pack_command(b"GET", k)] for k in encoded], on_reply,
-                   arena)
+                   arena, max_bulk)
         self.stats.add("bytes_read", received)
 
     def _call(self, op: str, keys: Sequence[bytes], commands: Sequence[Sequence[Buffer]],
-              on_reply: OnReply, arena: Arena | None = None) -> None:
+              on_reply: OnReply, arena: Arena | None = None, max_bulk: int | None = None
+              ) -> None:
         if not commands:
             return
         if time.monotonic() < self._retry_at:
@@ -238,7 +241,7 @@ class RedisBlockStore:
 
         try:
             run_pipeline(self._router.route(keys), commands, checked, arena,
-                         started + self.config.timeout_s, self.config.timeout_s)
+                         started + self.config.timeout_s, self.config.timeout_s, max_bulk)
         except Exception as exc:  # noqa: BLE001 (a cache problem must never fail a request)
             self._failed(op, exc)
         self._count_reply_errors(op, errors)

@@ -43,7 +43,16 @@ class ReplyError:
         return f"ReplyError({self.message!r})"
 
 
-Reply = int | bytes | memoryview | ReplyError | None
+class TooLarge:
+    """A bulk reply longer than the reader's ``max_bulk``: its bytes were read and dropped."""
+
+    __slots__ = ("nbytes",)
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+
+Reply = int | bytes | memoryview | ReplyError | TooLarge | None
 
 
 def _bulk(arg: bytes) -> bytes:
@@ -100,11 +109,16 @@ class ReplyReader:
 
     Every receive is bounded by what is left of ``deadline`` (``time.monotonic()``);
     running past it raises ``TimeoutError``, and the connection must then be dropped.
+    A bulk reply longer than ``max_bulk`` is never buffered: it is read through a small
+    window, dropped, and returned as ``TooLarge`` (untrusted values cannot make the
+    reader allocate more than what it expects).
     """
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, deadline: float, max_bulk: int | None = None
+                 ) -> None:
         self._sock = sock
         self._deadline = deadline
+        self._max_bulk = max_bulk
         self._buf = bytearray(_READ_CHUNK)
         self._view = memoryview(self._buf)
         self._start = 0
@@ -122,7 +136,12 @@ class ReplyReader:
             return ReplyError(rest.decode(errors="replace"))
         if kind == b"$":
             length = int(rest)
-            return None if length < 0 else self._bulk(length, arena)
+            if length < 0:
+                return None
+            if self._max_bulk is not None and length > self._max_bulk:
+                self._skip(length + 2)
+                return TooLarge(length)
+            return self._bulk(length, arena)
         if kind == b"!":
             return ReplyError(bytes(self._bulk(int(rest), None)).decode(errors="replace"))
         if kind == b"_":
@@ -145,6 +164,15 @@ class ReplyReader:
         self._start += have
         while have < dest.nbytes:
             have += self._recv(dest[have:])
+
+    def _skip(self, n: int) -> None:
+        buffered = min(self._end - self._start, n)
+        self._start += buffered
+        n -= buffered
+        if self._start == self._end:
+            self._start = self._end = 0
+        while n:
+            n -= self._recv(self._view[:min(n, len(self._buf))])
 
     def _exactly(self, n: int) -> memoryview:
         while self._end - self._start < n:

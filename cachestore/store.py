@@ -43,11 +43,13 @@ class BlockStore(Protocol):
         ``arena`` when one is given (valid until its next reset)."""
         ...
 
-    def get_each(self, keys: Sequence[str], visit: Visit, *, arena: Arena | None = None
-                 ) -> None:
+    def get_each(self, keys: Sequence[str], visit: Visit, *, arena: Arena | None = None,
+                 max_value_bytes: int | None = None) -> None:
         """Stream the values to ``visit`` in key order, each as soon as it has arrived,
         until ``visit`` returns False. A value is valid only during its ``visit`` call
-        (its memory is reused for the next one). A failed call ends the visits early."""
+        (its memory is reused for the next one). A failed call ends the visits early.
+        A value longer than ``max_value_bytes`` is never buffered: it is visited as None
+        and counted as the integrity failure ``too_large``."""
         ...
 
     def put_many(self, items: Sequence[PutItem], ttl_s: int | None = None) -> int:
@@ -94,9 +96,13 @@ class MemoryBlockStore:
         self.stats.add("bytes_read", sum(len(v) for v in found if v is not None))
         return [None if v is None else memoryview(v) for v in found]
 
-    def get_each(self, keys: Sequence[str], visit: Visit, *, arena: Arena | None = None
-                 ) -> None:
+    def get_each(self, keys: Sequence[str], visit: Visit, *, arena: Arena | None = None,
+                 max_value_bytes: int | None = None) -> None:
         for index, value in enumerate(self.get_many(keys)):
+            if value is not None and max_value_bytes is not None and (
+                    value.nbytes > max_value_bytes):
+                self.stats.integrity("too_large", keys[index])
+                value = None
             if not visit(index, value):
                 return
 
@@ -131,8 +137,8 @@ class NullBlockStore:
                  ) -> list[memoryview | None]:
         return [None] * len(keys)
 
-    def get_each(self, keys: Sequence[str], visit: Visit, *, arena: Arena | None = None
-                 ) -> None:
+    def get_each(self, keys: Sequence[str], visit: Visit, *, arena: Arena | None = None,
+                 max_value_bytes: int | None = None) -> None:
         if keys:
             visit(0, None)
 

@@ -132,3 +132,11 @@ def test_publish_refuses_mismatched_lengths(cache: PrefixCache) -> None:
     hashes = cache.block_hashes(TOKENS)
     with pytest.raises(ValueError):
         cache.publish(hashes, list(make_payloads(cache.spec, len(hashes) - 1)))
+
+
+def test_an_oversized_value_is_rejected(cache: PrefixCache) -> None:
+    hashes, _ = _publish_all(cache)
+    values = cache.store.values  # type: ignore[attr-defined]
+    values[cache.keys(hashes)[1]] += b"\0" * 10
+    assert cache.fetch_prefix(hashes, Collect()) == 1
+    assert cache.stats.integrity_failures("too_large") == 1

@@ -188,3 +188,17 @@ def test_concurrent_fetches_and_publishes_from_threads(redis_server: RedisServer
     with ThreadPoolExecutor(max_workers=4) as pool:
         assert all(pool.map(work, list(range(8)) * 3))
     assert cache.stats.snapshot()["errors"] == {}
+
+
+def test_an_oversized_value_is_dropped_unread_and_counted(redis_server: RedisServer,
+                                                         spec: BlockSpec) -> None:
+    cache = _cache(redis_server.url(), spec)
+    hashes, _ = _publish(cache)
+    with contextlib.closing(redis_server.client()) as admin:
+        admin.set(cache.keys(hashes)[3], b"KVRB" + b"\0" * 5_000_000)
+    sink = Collect()
+    assert cache.fetch_prefix(hashes, sink) == 3
+    assert cache.stats.integrity_failures("too_large") == 1
+    assert cache._arena().capacity < 5_000_000
+    assert cache.fetch_prefix(hashes[:3], Collect()) == 3
+    assert cache.stats.snapshot()["errors"] == {}

@@ -7,7 +7,14 @@ import time
 import pytest
 
 from cachestore.arena import Arena
-from cachestore.resp import ReplyError, ReplyReader, pack_command, pack_set, send_buffers
+from cachestore.resp import (
+    ReplyError,
+    ReplyReader,
+    TooLarge,
+    pack_command,
+    pack_set,
+    send_buffers,
+)
 
 
 def _joined(buffers: list) -> bytes:
@@ -67,6 +74,25 @@ def test_reader_parses_resp2_and_resp3_replies_into_the_arena() -> None:
     assert isinstance(replies[6], memoryview) and replies[6].obj is arena._buffer
     assert bytes(replies[6]) == big
     assert isinstance(replies[7], ReplyError) and replies[7].message == "ERR x"
+    a.close(), b.close()
+
+
+def test_reader_drops_an_oversized_bulk_without_buffering_it() -> None:
+    a, b = _pair()
+    huge = b"h" * 300_000
+
+    def send() -> None:
+        a.sendall(b"$%d\r\n%s\r\n$2\r\nok\r\n" % (len(huge), huge))
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    reader = ReplyReader(b, time.monotonic() + 5, max_bulk=1000)
+    arena = Arena()
+    too_large = reader.read(arena)
+    assert isinstance(too_large, TooLarge) and too_large.nbytes == len(huge)
+    assert arena.capacity == 0 and len(reader._buf) <= 64 * 1024
+    assert reader.read(arena) == b"ok"
+    sender.join(timeout=5)
     a.close(), b.close()
 
 
