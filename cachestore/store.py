@@ -117,6 +117,7 @@ class MemoryBlockStore:
                     self._expiry[key] = self._clock() + ttl_s
                 written += 1
                 self.stats.add("bytes_written", len(self.values[key]))
+        self.stats.add("blocks_written", written)
         return written
 
     def close(self) -> None:
