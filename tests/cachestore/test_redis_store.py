@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -202,3 +204,35 @@ def test_an_oversized_value_is_dropped_unread_and_counted(redis_server: RedisSer
     assert cache._arena().capacity < 5_000_000
     assert cache.fetch_prefix(hashes[:3], Collect()) == 3
     assert cache.stats.snapshot()["errors"] == {}
+
+
+def test_stopped_server_process_times_out_quickly(redis_server: RedisServer,
+                                                  spec: BlockSpec) -> None:
+    cache = _cache(redis_server.url(), spec, timeout_s=0.3, retry_after_s=0.1)
+    hashes, _ = _publish(cache)
+    os.kill(redis_server.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        assert cache.fetch_prefix(hashes, Collect()) == 0
+        assert cache.publish(cache.block_hashes([9] * 8), list(make_payloads(spec, 2))) == 0
+        assert time.monotonic() - started < 1.5
+    finally:
+        os.kill(redis_server.pid, signal.SIGCONT)
+    assert cache.stats.errors("timeout") >= 1
+    time.sleep(0.2)
+    assert cache.fetch_prefix(hashes, Collect()) == 8
+
+
+def test_lru_eviction_leaves_only_a_contiguous_verified_prefix(spec: BlockSpec) -> None:
+    server = start_redis(["--maxmemory", "3mb", "--maxmemory-policy", "allkeys-lru"])
+    try:
+        cache = _cache(server.url(), spec)
+        hashes = cache.block_hashes(list(range(4 * 6000)))
+        cache.publish(hashes, list(make_payloads(spec, len(hashes))))
+        sink = Collect()
+        fetched = cache.fetch_prefix(hashes, sink)
+        assert fetched < len(hashes)
+        assert [i for i, _ in sink.blocks] == list(range(fetched))
+        assert cache.stats.snapshot()["integrity"] == {}
+    finally:
+        server.stop()
