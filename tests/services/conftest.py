@@ -1,8 +1,9 @@
 """Real processes for the service tests: a redis-server, prefill and decode workers.
 
 Workers are ``kvrelay prefill|decode`` child processes on free 127.0.0.1 ports serving the
-tiny model with 16-token blocks; each is stopped by its pid. ``cluster`` (one per module)
-is redis + one prefill + two decode workers sharing the store.
+tiny model with 16-token blocks; each is stopped by its pid. ``cluster``
+is redis + one prefill + two decode workers sharing the store, started once per session
+(tests keep apart by using their own cache salts).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class Cluster:
     log_dir: Path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def store() -> Iterator[RedisServer]:
     server = start_redis(["--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru"])
     try:
@@ -98,7 +99,7 @@ def store() -> Iterator[RedisServer]:
         server.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster(store: RedisServer, tiny_model_dir: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     log_dir = tmp_path_factory.mktemp("worker-logs")
