@@ -15,8 +15,11 @@ persisted) in the same run:
   preallocated buffer): roughly what the wire and the server allow.
 
 Throughput is payload bytes / wall seconds, MB = 10**6 bytes; each figure is the median
-of ``--repeat`` interleaved runs. The server runs from the test helpers in ``tests/``, so
-run this from the repository root.
+of ``--repeat`` interleaved runs, and the client's and the server's CPU time per
+operation are shown beside it (they show where the time goes when the machine is busy).
+A last line gives the fixed cost of one block (1000 tiny blocks), which is what the
+block size trades against. The server runs from the test helpers in ``tests/``, so run
+this from the repository root.
 """
 
 from __future__ import annotations

@@ -29,9 +29,9 @@ DEFAULT_BLOCK_SIZE = 16
 (SmolLM2-135M-shaped KV, 2048 tokens, fp32 90 MiB and bf16 45 MiB, loopback Redis on a
 2-core machine). Put and get throughput did not depend on the block size beyond the
 run-to-run noise (about +-30% on that shared machine): moving the bytes costs about
-1 ms per MB of client plus server time, while the fixed cost of one block (framing,
-one Redis command, header check, one sink call) measured 10-15 us, i.e. at most 2%
-(fp32) to 5% (bf16) of a block's transfer at 16 tokens. With throughput flat, the
+1 ms per MB of client plus server CPU, while the fixed cost of one block (framing, one
+Redis command, header check, one sink call; the bench's last line) measured 10-35 us,
+i.e. 2-6% of the transfer time of a whole prompt at 16 tokens per block. With that, the
 smallest block wins on everything else: a shared prefix is reused to within 16 tokens
 instead of 64, decode recomputes a tail of at most 15 tokens, values stay small enough
 that one GET does not hold the single-threaded Redis for long (a 64-token block of a
