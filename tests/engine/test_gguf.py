@@ -219,19 +219,25 @@ def test_chat_template_matches_transformers(converted: Path, hf_tokenizer: Any) 
             chat, tokenize=False, add_generation_prompt=True)
 
 
-def _generate(loaded: LoadedModel, chats: list[list[dict[str, str]]]) -> list[list[int]]:
+def _chat_ids(tok: Tokenizer, chat: list[dict[str, str]]) -> list[int]:
+    return tok.encode(tok.apply_chat_template(chat), add_special_tokens=False)
+
+
+@pytest.fixture(scope="module")
+def our_greedy(loaded: LoadedModel) -> list[list[int]]:
+    """kvrelay's greedy continuations of CHATS, batched in one engine."""
     engine = LLMEngine(ModelRunner(loaded, num_blocks=256, block_size=16), loaded.tokenizer)
-    prompts = [loaded.tokenizer.encode(loaded.tokenizer.apply_chat_template(c)) for c in chats]
+    prompts = [_chat_ids(loaded.tokenizer, c) for c in CHATS]
     done = engine.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS))
     return [c.token_ids for c in done]
 
 
 @pytest.mark.slow
-def test_greedy_generation_matches_transformers(loaded: LoadedModel, hf_model: Any) -> None:
+def test_greedy_generation_matches_transformers(loaded: LoadedModel, hf_model: Any,
+                                                our_greedy: list[list[int]]) -> None:
     tok = loaded.tokenizer
-    ours = _generate(loaded, CHATS)
-    for chat, our_ids in zip(CHATS, ours):
-        prompt = tok.encode(tok.apply_chat_template(chat))
+    for chat, our_ids in zip(CHATS, our_greedy):
+        prompt = _chat_ids(tok, chat)
         with torch.no_grad():
             out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS,
                                     do_sample=False, eos_token_id=sorted(tok.eos_token_ids))
@@ -239,6 +245,6 @@ def test_greedy_generation_matches_transformers(loaded: LoadedModel, hf_model: A
 
 
 @pytest.mark.slow
-def test_answers_capital_of_france(loaded: LoadedModel) -> None:
-    ids = _generate(loaded, CHATS[:1])[0]
-    assert "Paris" in loaded.tokenizer.decode(ids)
+def test_answers_capital_of_france(loaded: LoadedModel, our_greedy: list[list[int]]) -> None:
+    assert CHATS[0][0]["content"] == "What is the capital of France?"
+    assert "Paris" in loaded.tokenizer.decode(our_greedy[0])

@@ -100,7 +100,8 @@ def test_greedy_generation_matches_transformers(tmp_path: Path, variant: str) ->
     hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     loaded = load_model(str(d))
     engine = LLMEngine(ModelRunner(loaded, num_blocks=64, block_size=8), loaded.tokenizer)
-    prompt = loaded.tokenizer.encode(loaded.tokenizer.apply_chat_template(CHAT[:2]))
+    chat = loaded.tokenizer.apply_chat_template(CHAT[:2])
+    prompt = loaded.tokenizer.encode(chat, add_special_tokens=False)
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
     ours = engine.generate([prompt], params)[0].token_ids
     with torch.no_grad():
