@@ -6,9 +6,11 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 
 from cachestore.codec import BlockSpec
 from cachestore.kvstore import PrefixCache
@@ -236,3 +238,27 @@ def test_lru_eviction_leaves_only_a_contiguous_verified_prefix(spec: BlockSpec) 
         assert cache.stats.snapshot()["integrity"] == {}
     finally:
         server.stop()
+
+
+def test_payloads_reach_the_socket_without_a_copy(redis_server: RedisServer, spec: BlockSpec,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import cachestore.pipeline
+
+    sent: list[memoryview] = []
+    real_send = cachestore.pipeline.send_buffers
+
+    def recording_send(sock: object, buffers: Iterable[object]) -> None:
+        views = [memoryview(b) for b in buffers]  # type: ignore[call-overload]
+        sent.extend(views)
+        real_send(sock, views)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cachestore.pipeline, "send_buffers", recording_send)
+    big = BlockSpec(spec.fingerprint, "float32", num_layers=4, block_size=4, num_kv_heads=4,
+                    head_dim=64)  # 32 KiB payloads: above the size that is framed inline
+    cache = _cache(redis_server.url(), big)
+    hashes = cache.block_hashes(TOKENS)
+    payloads = make_payloads(big, len(hashes))
+    assert cache.publish(hashes, list(payloads)) == len(hashes)
+    for payload in payloads:
+        assert any(np.shares_memory(np.frombuffer(view, np.uint8), payload) for view in sent
+                   if view.nbytes == payload.nbytes)
