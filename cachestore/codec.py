@@ -124,8 +124,9 @@ def _checksum(header_prefix: Buffer, payload: Buffer) -> int:
     return digest.intdigest()
 
 
-def encode_block(spec: BlockSpec, block_hash: bytes, payload: Payload) -> list[Buffer]:
-    """``[header, payload]`` of one stored value; the payload is sent as it is, not copied."""
+def encode_block(spec: BlockSpec, block_hash: bytes, payload: Payload
+                 ) -> tuple[bytes, memoryview]:
+    """``(header, payload)`` of one stored value; the payload is a view, not a copy."""
     data = _byte_view(payload)
     if data.nbytes != spec.payload_nbytes:
         raise ValueError(f"payload has {data.nbytes} bytes, the block needs {spec.payload_nbytes}")
@@ -133,7 +134,7 @@ def encode_block(spec: BlockSpec, block_hash: bytes, payload: Payload) -> list[B
                                     bytes.fromhex(spec.fingerprint), block_hash, data.nbytes, 0))
     checksum = _checksum(memoryview(header)[:_CHECKED_HEADER], data)
     struct.pack_into("<Q", header, _CHECKED_HEADER, checksum)
-    return [bytes(header), data]
+    return bytes(header), data
 
 
 def decode_block(value: Buffer, spec: BlockSpec, block_hash: bytes) -> memoryview:

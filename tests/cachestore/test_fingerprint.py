@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from cachestore.codec import CODEC_VERSION, LAYOUT
 from cachestore.fingerprint import model_fingerprint
 
 CONFIG = '{"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2}'
-BASE = {"config_json": CONFIG, "weights_digest": "w0", "kv_dtype": "float32",
+BASE: dict[str, Any] = {"config_json": CONFIG, "weights_digest": "w0", "kv_dtype": "float32",
         "block_size": 64, "layout": LAYOUT, "codec_version": CODEC_VERSION}
 
 

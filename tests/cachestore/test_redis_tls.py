@@ -10,7 +10,7 @@ from tests.support.redis_server import RedisServer
 
 
 def test_blocks_round_trip_over_tls(redis_tls: RedisServer, spec: BlockSpec) -> None:
-    assert redis_tls.url().startswith("rediss://")
+    assert redis_tls.url().startswith("rediss://") and redis_tls.tls is not None
     store = RedisBlockStore.from_url(redis_tls.url(), tls_ca_file=str(redis_tls.tls.ca_cert))
     cache = PrefixCache(store, spec, batch_bytes=3 * spec.value_nbytes)
     hashes = cache.block_hashes(list(range(40)))

@@ -45,7 +45,8 @@ def _pair() -> tuple[socket.socket, socket.socket]:
 
 def test_send_buffers_delivers_every_byte_in_order() -> None:
     a, b = _pair()
-    parts = [b"abc", memoryview(bytearray(b"z" * 3_000_000)), b"", b"end"] * 3
+    parts: list[bytes | memoryview] = [b"abc", memoryview(bytearray(b"z" * 3_000_000)), b"",
+                                       b"end"] * 3
     received = bytearray()
 
     def drain() -> None:
@@ -57,7 +58,8 @@ def test_send_buffers_delivers_every_byte_in_order() -> None:
     send_buffers(a, parts)
     reader.join(timeout=10)
     assert bytes(received) == _joined(parts)
-    a.close(), b.close()
+    a.close()
+    b.close()
 
 
 def test_reader_parses_resp2_and_resp3_replies_into_the_arena() -> None:
@@ -74,7 +76,8 @@ def test_reader_parses_resp2_and_resp3_replies_into_the_arena() -> None:
     assert isinstance(replies[6], memoryview) and replies[6].obj is arena._buffer
     assert bytes(replies[6]) == big
     assert isinstance(replies[7], ReplyError) and replies[7].message == "ERR x"
-    a.close(), b.close()
+    a.close()
+    b.close()
 
 
 def test_reader_drops_an_oversized_bulk_without_buffering_it() -> None:
@@ -93,7 +96,8 @@ def test_reader_drops_an_oversized_bulk_without_buffering_it() -> None:
     assert arena.capacity == 0 and len(reader._buf) <= 64 * 1024
     assert reader.read(arena) == b"ok"
     sender.join(timeout=5)
-    a.close(), b.close()
+    a.close()
+    b.close()
 
 
 def test_reader_gives_up_at_its_deadline() -> None:
@@ -104,7 +108,8 @@ def test_reader_gives_up_at_its_deadline() -> None:
     with pytest.raises(TimeoutError):
         reader.read()
     assert time.monotonic() - started < 1.0
-    a.close(), b.close()
+    a.close()
+    b.close()
 
 
 def test_reader_reports_a_closed_connection() -> None:
