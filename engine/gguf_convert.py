@@ -7,8 +7,8 @@ format itself. This module adds what a GGUF does not spell the HF way:
 - tensor names (``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``);
 - llama.cpp stores q/k projection rows permuted for its rotary kernel (the two rotary halves
   of each head interleaved); the permutation is undone here so the HF rotary layout applies;
-- ``config.json`` from the ``<arch>.*`` keys, ``tokenizer.json`` from the vocabulary, merges
-  and pre-tokenizer name in ``tokenizer.ggml.*``, the chat template and bos/eos ids.
+- ``config.json`` from the ``<arch>.*`` keys; ``tokenizer.json`` (built by
+  ``engine.gguf_tokenizer``), the chat template and bos/eos ids from ``tokenizer.*``.
 
 Weights are written dequantized as float32 (the dequantized values are exact in float32);
 ``load_model`` casts them to the requested dtype.
@@ -27,12 +27,11 @@ import torch
 from gguf import GGUFReader
 from gguf.quants import dequantize
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from engine.gguf_tokenizer import GGUFTokenizerError, adds_bos, build_tokenizer, special_token
 
 # Bump when the converter's output changes, so cached conversions are redone.
 CONVERTER_VERSION = 2
-
-_CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
 
 
 class GGUFConversionError(ValueError):
@@ -68,30 +67,6 @@ _LAYER_TENSORS = {
     "ffn_down": "mlp.down_proj",
 }
 
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def _regex_split(pattern: str) -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-
-
-# tokenizer.ggml.pre -> the pre-tokenizer the vocabulary's merges were learned with.
-PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
-    "default": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False),
-    "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False),
-    "smollm": lambda: pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False)]),
-    "llama-bpe": lambda: _regex_split(_LLAMA3_SPLIT),
-    "qwen2": lambda: _regex_split(_QWEN2_SPLIT),
-}
-
-
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path,
                  progress: Callable[[str], None] = lambda _: None) -> Path:
     """Write ``gguf_path`` as an HF-format directory into ``out_dir`` (created if needed)."""
@@ -123,6 +98,9 @@ class _Metadata:
     def get(self, key: str, default: Any = None) -> Any:
         field = self._fields.get(key)
         return default if field is None else field.contents()
+
+    def with_prefix(self, prefix: str) -> dict[str, Any]:
+        return {k: f.contents() for k, f in self._fields.items() if k.startswith(prefix)}
 
     def need(self, key: str) -> Any:
         if key not in self._fields:
@@ -222,87 +200,23 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def write_tokenizer_files(meta: _Metadata, out: Path, max_length: int) -> None:
     """tokenizer.json and tokenizer_config.json (special tokens, chat template)."""
-    tokens: list[str] = meta.need("tokenizer.ggml.tokens")
-    tokenizer = build_tokenizer(meta, tokens)
-    tokenizer.save(str(out / "tokenizer.json"))
-    config: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": max_length,
-        "clean_up_tokenization_spaces": False,
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-    }
-    for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
-                      ("pad_token", "padding")):
-        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
-        config[name] = None if token_id is None else tokens[token_id]
-    if (template := meta.get("tokenizer.chat_template")) is not None:
+    fields = meta.with_prefix("tokenizer.")
+    try:
+        build_tokenizer(fields).save(str(out / "tokenizer.json"))
+        config: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": max_length,
+            "clean_up_tokenization_spaces": False,
+            "add_bos_token": adds_bos(fields),
+        }
+        for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
+                          ("pad_token", "padding")):
+            config[name] = special_token(fields, key)
+    except GGUFTokenizerError as e:
+        raise GGUFConversionError(str(e)) from e
+    if (template := fields.get("tokenizer.chat_template")) is not None:
         config["chat_template"] = template
     _write_json(out / "tokenizer_config.json", config)
-
-
-def build_tokenizer(meta: _Metadata, tokens: list[str]) -> Tokenizer:
-    """Byte-level BPE (``tokenizer.ggml.model`` gpt2) from the vocabulary and merges."""
-    model = meta.need("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise GGUFConversionError(f"unsupported tokenizer model {model!r} (only byte-level "
-                                  "BPE, 'gpt2', is supported)")
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in PRE_TOKENIZERS:
-        raise GGUFConversionError(f"unsupported pre-tokenizer {pre!r}; supported: "
-                                  f"{', '.join(sorted(PRE_TOKENIZERS))}")
-    vocab = {_byte_level_spelling(tok): i for i, tok in enumerate(tokens)}
-    merges = [tuple(m.split(" ", 1)) for m in meta.need("tokenizer.ggml.merges")]
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    tokenizer.pre_tokenizer = PRE_TOKENIZERS[pre]()
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = _post_processor(meta, tokens)
-    _add_special_tokens(tokenizer, tokens, meta.get("tokenizer.ggml.token_type") or [])
-    return tokenizer
-
-
-_BYTE_ALPHABET = frozenset(pre_tokenizers.ByteLevel.alphabet())
-
-
-def _byte_level_spelling(token: str) -> str:
-    """A token as the byte-level vocabulary spells it (some files store raw UTF-8 text)."""
-    if set(token) <= _BYTE_ALPHABET:
-        return token
-    return "".join(_BYTE_TO_CHAR[b] for b in token.encode("utf-8"))
-
-
-def _bytes_to_chars() -> dict[int, str]:
-    """The byte -> printable character table byte-level BPE vocabularies are written in."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    extra = (b for b in range(256) if b not in printable)
-    table = {b: chr(b) for b in printable}
-    table.update({b: chr(256 + n) for n, b in enumerate(extra)})
-    return table
-
-
-_BYTE_TO_CHAR = _bytes_to_chars()
-
-
-def _post_processor(meta: _Metadata, tokens: list[str]) -> processors.PostProcessor:
-    bos_id = meta.get("tokenizer.ggml.bos_token_id")
-    if not meta.get("tokenizer.ggml.add_bos_token", False) or bos_id is None:
-        return processors.ByteLevel(trim_offsets=False)
-    bos = tokens[bos_id]
-    return processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                         special_tokens=[(bos, bos_id)])
-
-
-def _add_special_tokens(tokenizer: Tokenizer, tokens: list[str], types: list[int]) -> None:
-    """Control tokens become special added tokens, user-defined ones plain added tokens,
-    so both are matched whole in text instead of being cut into byte pieces. A token spelled
-    outside the byte alphabet is left out: added as written, it would get a new id."""
-    spelled = [(tok, kind) for tok, kind in zip(tokens, types) if set(tok) <= _BYTE_ALPHABET]
-    control = [AddedToken(tok, special=True, normalized=False)
-               for tok, kind in spelled if kind == _CONTROL]
-    user = [AddedToken(tok, special=False, normalized=False)
-            for tok, kind in spelled if kind == _USER_DEFINED]
-    tokenizer.add_special_tokens(control)
-    tokenizer.add_tokens(user)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
