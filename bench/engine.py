@@ -4,7 +4,9 @@ A SmolLM2-135M-shaped Llama (random weights, fp32, CPU) is built once in transfo
 its state dict loaded into kvrelay, so both run the same weights in the same process.
 Prefill: one forward of an N-token prompt (transformers computes only the last logits).
 Decode: B prompts of PROMPT_TOKENS tokens generating NEW_TOKENS greedy tokens each
-(transformers: ``generate`` with its KV cache); tok/s counts generated tokens.
+(transformers: ``generate`` with its KV cache); tok/s counts generated tokens. Each case
+runs kvrelay and transformers alternately and keeps each one's best time, so both see
+the same machine load.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,11 +28,13 @@ from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
 from engine.sequence import Sequence
 
-SMOLLM2_135M = dict(
-    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-    rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-    bos_token_id=None, eos_token_id=None, pad_token_id=None)
+VOCAB = 49152
+SMOLLM2_135M: dict[str, Any] = {
+    "vocab_size": VOCAB, "hidden_size": 576, "intermediate_size": 1536,
+    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+    "max_position_embeddings": 8192, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True, "bos_token_id": None, "eos_token_id": None,
+    "pad_token_id": None}
 PREFILL_TOKENS = (128, 512, 2048)
 DECODE_BATCHES = (1, 8, 16)
 PROMPT_TOKENS = 32
@@ -39,14 +42,16 @@ NEW_TOKENS = 64
 BLOCK_SIZE = 16
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _best_seconds(ours: Callable[[], object], theirs: Callable[[], object],
+                  repeats: int) -> tuple[float, float]:
+    """Best wall time of each, the two alternating so both see the same machine load."""
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, sink in zip((ours, theirs), times):
+            start = time.perf_counter()
+            fn()
+            sink.append(time.perf_counter() - start)
+    return min(times[0]), min(times[1])
 
 
 def _models() -> tuple[Any, ModelRunner]:
@@ -63,7 +68,7 @@ def _models() -> tuple[Any, ModelRunner]:
 
 def _prompt(batch: int, tokens: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(tokens)
-    return torch.randint(0, SMOLLM2_135M["vocab_size"], (batch, tokens), generator=g)
+    return torch.randint(0, VOCAB, (batch, tokens), generator=g)
 
 
 def bench_prefill(hf: Any, runner: ModelRunner, tokens: int) -> dict[str, float]:
@@ -79,26 +84,29 @@ def bench_prefill(hf: Any, runner: ModelRunner, tokens: int) -> dict[str, float]
         with torch.inference_mode():
             hf(ids, logits_to_keep=1)
 
-    return {"tokens": tokens, "kvrelay_tok_s": tokens / _median_seconds(ours, repeats),
-            "hf_tok_s": tokens / _median_seconds(theirs, repeats)}
+    ours()  # warm-up
+    theirs()
+    t_ours, t_theirs = _best_seconds(ours, theirs, repeats)
+    return {"tokens": tokens, "kvrelay_tok_s": tokens / t_ours, "hf_tok_s": tokens / t_theirs}
 
 
 def bench_decode(hf: Any, runner: ModelRunner, batch: int) -> dict[str, float]:
     ids = _prompt(batch, PROMPT_TOKENS)
     engine = LLMEngine(runner)
-    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
 
-    def ours() -> None:
-        engine.generate(ids.tolist(), params)
+    def ours(new_tokens: int = NEW_TOKENS) -> None:
+        engine.generate(ids.tolist(), SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
 
-    def theirs() -> None:
+    def theirs(new_tokens: int = NEW_TOKENS) -> None:
         with torch.inference_mode():
-            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                        min_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True)
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens, do_sample=False, use_cache=True)
 
+    ours(2)  # warm-up
+    theirs(2)
+    t_ours, t_theirs = _best_seconds(ours, theirs, 2)
     generated = batch * NEW_TOKENS
-    return {"batch": batch, "kvrelay_tok_s": generated / _median_seconds(ours, 1),
-            "hf_tok_s": generated / _median_seconds(theirs, 1)}
+    return {"batch": batch, "kvrelay_tok_s": generated / t_ours, "hf_tok_s": generated / t_theirs}
 
 
 def _table(results: dict[str, list[dict[str, float]]]) -> str:

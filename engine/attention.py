@@ -50,7 +50,7 @@ def gather_kv(kv_layer: torch.Tensor, meta: AttentionMetadata,
               batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every row's context K and V from the pool, each (B, kvh, nb*bs, hd)."""
     assert meta.context_blocks is not None
-    _, _, bs, kvh, hd = kv_layer.shape
+    kvh, hd = kv_layer.shape[-2:]
     k = kv_layer[:, 0].index_select(0, meta.context_blocks)  # (B*nb, bs, kvh, hd)
     v = kv_layer[:, 1].index_select(0, meta.context_blocks)
     return (k.view(batch, -1, kvh, hd).transpose(1, 2),

@@ -16,7 +16,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig
-from engine.rope import apply_rope
+from engine.rope import apply_rope, inverse_frequencies
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (B, T, 1, hd) each
 
@@ -46,13 +46,16 @@ def _fuse(owner: nn.Module, name: str, parts: list[nn.Linear], attr: str) -> Non
     fused = torch.cat([t.detach() for t in tensors])
     owner.register_buffer(name, fused, persistent=False)
     start = 0
-    for part, t in zip(parts, tensors):
+    for t in tensors:
         t.data = fused[start:start + t.shape[0]]
         start += t.shape[0]
 
 
 class LlamaAttention(nn.Module):
     """Grouped-query self-attention with rotary positions over paged KV memory."""
+
+    qkv_weight: torch.Tensor  # (H*hd + 2*kvh*hd, D), set by fuse_()
+    qkv_bias: torch.Tensor | None
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -82,6 +85,9 @@ class LlamaAttention(nn.Module):
 
 class LlamaMLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    gate_up_weight: torch.Tensor  # (2*I, D), set by fuse_()
+    gate_up_bias: torch.Tensor | None
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -145,9 +151,9 @@ class LlamaForCausalLM(nn.Module):
 
     def fuse_(self) -> None:
         """Concatenate q/k/v and gate/up weights (idempotent; call after loading and moving)."""
-        for layer in self.model.layers:
-            layer.self_attn.fuse_()
-            layer.mlp.fuse_()
+        for module in self.modules():
+            if isinstance(module, (LlamaAttention, LlamaMLP)):
+                module.fuse_()
 
     def forward(self, input_ids: torch.Tensor, rope: Rope, kv: torch.Tensor | None,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -182,8 +188,10 @@ def build_model(config: ModelConfig, *, dtype: torch.dtype = torch.float32,
                 device: torch.device | str = "cpu") -> LlamaForCausalLM:
     """An unfused model of ``config``'s architecture with uninitialised weights on ``device``.
 
-    Load a state dict into it, then call ``fuse_()`` (the runner does).
+    Load a state dict into it, then call ``fuse_()`` (the runner does). Raises
+    ModelConfigError for a rope scaling type kvrelay does not implement.
     """
+    inverse_frequencies(config)
     with torch.device("meta"):
         model = MODEL_REGISTRY[config.architecture](config)
     model = model.to(dtype).to_empty(device=device)

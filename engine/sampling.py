@@ -120,7 +120,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
 def _sample_rows(logits: torch.Tensor, params: list[SamplingParams],
                  uniforms: torch.Tensor) -> torch.Tensor:
     """Temperature, top-k and top-p on logits (S, V), then inverse-CDF with uniforms (S,)."""
-    s, vocab = logits.shape
+    vocab = logits.shape[1]
     temps = torch.tensor([p.temperature for p in params], device=logits.device)
     sorted_logits, order = (logits / temps[:, None]).sort(dim=-1, descending=True)  # (S, V)
     probs = torch.softmax(sorted_logits, dim=-1)  # (S, V)

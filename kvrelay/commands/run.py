@@ -61,7 +61,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"kvrelay run: invalid {e.field}: {e.message}", file=sys.stderr)
         return 2
     loaded_at = time.perf_counter()
-    pieces, first_at = [], None
+    pieces: list[str] = []
+    first_at: float | None = None
     while engine.has_unfinished:
         for out in engine.step():
             first_at = first_at or time.perf_counter()
@@ -70,10 +71,11 @@ def main(args: argparse.Namespace) -> int:
                 sys.stdout.write(out.text)
                 sys.stdout.flush()
     done = time.perf_counter()
-    decoded = max(seq.num_generated - 1, 0)
-    decode_s = done - (first_at or done)
-    timings = {"load_s": loaded_at - started, "time_to_first_token_s": (first_at or done) - loaded_at,
-               "decode_s": decode_s, "decode_tok_s": decoded / decode_s if decode_s > 0 else None}
+    first_at = first_at or done
+    decode_s = done - first_at
+    timings = {"load_s": loaded_at - started, "time_to_first_token_s": first_at - loaded_at,
+               "decode_s": decode_s,
+               "decode_tok_s": max(seq.num_generated - 1, 0) / decode_s if decode_s > 0 else 0.0}
     if args.json:
         print(json.dumps({"model": loaded.name, "text": "".join(pieces),
                           "token_ids": seq.output_ids, "finish_reason": seq.finish_reason,

@@ -19,24 +19,24 @@ from engine.runner import ModelRunner
 
 VOCAB = 256
 
-_COMMON: dict[str, Any] = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, max_position_embeddings=512, initializer_range=0.2,
-    eos_token_id=None, bos_token_id=None, pad_token_id=None)
+_COMMON: dict[str, Any] = {
+    "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "max_position_embeddings": 512, "initializer_range": 0.2,
+    "eos_token_id": None, "bos_token_id": None, "pad_token_id": None}
 
 # name -> (transformers config class, architecture, overrides)
 CONFIGS: dict[str, tuple[type, str, dict[str, Any]]] = {
-    "llama-gqa-llama3-rope-tied": (transformers.LlamaConfig, "LlamaForCausalLM", dict(
-        num_key_value_heads=2, tie_word_embeddings=True, rope_theta=50000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
-    "mistral": (transformers.MistralConfig, "MistralForCausalLM", dict(
-        num_key_value_heads=2, tie_word_embeddings=False, sliding_window=None)),
-    "qwen2-qkv-bias-untied": (transformers.Qwen2Config, "Qwen2ForCausalLM", dict(
-        num_key_value_heads=2, tie_word_embeddings=False)),
-    "llama-mqa-linear-rope": (transformers.LlamaConfig, "LlamaForCausalLM", dict(
-        num_key_value_heads=1, tie_word_embeddings=False,
-        rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "llama-gqa-llama3-rope-tied": (transformers.LlamaConfig, "LlamaForCausalLM", {
+        "num_key_value_heads": 2, "tie_word_embeddings": True, "rope_theta": 50000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
+    "mistral": (transformers.MistralConfig, "MistralForCausalLM", {
+        "num_key_value_heads": 2, "tie_word_embeddings": False, "sliding_window": None}),
+    "qwen2-qkv-bias-untied": (transformers.Qwen2Config, "Qwen2ForCausalLM", {
+        "num_key_value_heads": 2, "tie_word_embeddings": False}),
+    "llama-mqa-linear-rope": (transformers.LlamaConfig, "LlamaForCausalLM", {
+        "num_key_value_heads": 1, "tie_word_embeddings": False,
+        "rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
 }
 
 

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from engine.kv import OutOfBlocks
+from engine.model import build_model
+from engine.runner import ModelRunner
 from engine.sequence import Sequence
 from tests.engine.conftest import ModelPair, prompts
 
-TOL = dict(atol=1e-5, rtol=0)
+TOL: dict[str, float] = {"atol": 1e-5, "rtol": 0.0}
 
 
 def _full_prefill_logits(pair: ModelPair, prompt: list[int]) -> torch.Tensor:
@@ -142,3 +144,19 @@ def test_decode_needs_exactly_one_new_token(llama_pair: ModelPair) -> None:
     seq.token_ids += [1, 2]
     with pytest.raises(ValueError):
         runner.decode([seq])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_keeps_a_pool_of_that_dtype_and_close_logits(
+        llama_pair: ModelPair, dtype: torch.dtype) -> None:
+    model = build_model(llama_pair.config, dtype=dtype)
+    model.load_state_dict(llama_pair.hf.state_dict())
+    runner = ModelRunner((llama_pair.config, model), num_blocks=32, block_size=4)
+    assert runner.kv is not None and runner.kv.tensor.dtype == dtype
+    seq = Sequence("s", prompts(1, seed=21)[0])
+    first = runner.prefill([seq])[0]
+    seq.token_ids.append(int(first.argmax()))
+    got = runner.decode([seq])[0]
+    expected = _full_prefill_logits(llama_pair, seq.token_ids)
+    assert got.dtype == torch.float32
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
