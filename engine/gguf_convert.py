@@ -67,9 +67,11 @@ _LAYER_TENSORS = {
     "ffn_down": "mlp.down_proj",
 }
 
+
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path,
                  progress: Callable[[str], None] = lambda _: None) -> Path:
-    """Write ``gguf_path`` as an HF-format directory into ``out_dir`` (created if needed)."""
+    """Write ``gguf_path`` as an HF-format directory into ``out_dir`` (created if needed);
+    ``progress`` receives a line per step."""
     reader = GGUFReader(str(gguf_path))
     meta = _Metadata(reader)
     family = _family(meta)
@@ -189,8 +191,10 @@ def hf_tensor_name(gguf_name: str) -> tuple[str, str]:
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row order: per head, rows (pair, half) back to (half, pair).
+    """Restore HF's q/k row order from llama.cpp's.
 
+    Per head, llama.cpp interleaves the two rotary halves (its row ``2*i + j`` is HF's row
+    ``j*half + i``); this puts them back one after the other.
     w: (n_heads * head_dim, ...) weight or (n_heads * head_dim,) bias.
     """
     rest = w.shape[1:]
