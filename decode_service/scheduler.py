@@ -133,13 +133,13 @@ class BatchScheduler:
             log.exception("engine step failed; failing the batch")
             self._fail_all(exc)
             return
+        self._metrics.kv_used.set(used_blocks(self.engine.runner))
         for out in outputs:
             events = self._queues.get(out.seq_id)
             if events is not None:
                 self._send(events, out)
             if out.finished:
                 self._queues.pop(out.seq_id, None)
-        self._metrics.kv_used.set(used_blocks(self.engine.runner))
 
     def _fail_all(self, exc: Exception) -> None:
         for seq_id, events in list(self._queues.items()):

@@ -158,11 +158,12 @@ class LocalCluster:
         metrics = (free_port(), free_port())
         prefill_addr = f"127.0.0.1:{prefill_port}"
         decode_addr = f"127.0.0.1:{decode_port}"
-        common = {"model": spec.model, "redis_url": redis_url, "block_size": spec.block_size}
         prefill = self._spawn("prefill", worker_command(
-            "prefill", port=prefill_port, metrics_port=metrics[0], **common))
+            "prefill", model=spec.model, port=prefill_port, metrics_port=metrics[0],
+            redis_url=redis_url, block_size=spec.block_size))
         decode = self._spawn("decode", worker_command(
-            "decode", port=decode_port, metrics_port=metrics[1], prefill_addr=prefill_addr, **common))
+            "decode", model=spec.model, port=decode_port, metrics_port=metrics[1],
+            redis_url=redis_url, block_size=spec.block_size, prefill_addr=prefill_addr))
         self._progress(f"starting workers (model {spec.model}); logs in {self.log_dir}")
         for name, proc, addr in (("prefill", prefill, prefill_addr), ("decode", decode, decode_addr)):
             wait_until_serving(name, proc, addr, spec.ready_timeout_s, self._progress,

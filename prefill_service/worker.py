@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from cachestore.hashing import BlockHash
 from engine.kv import OutOfBlocks
 from engine.sequence import Sequence
 from kvrelay.serving.errors import ServiceError, invalid_argument
@@ -55,7 +56,7 @@ class PrefillWorker:
         self._slots = max_requests
         self._active = 0
 
-    def _check(self, job: PrefillJob) -> list[bytes]:
+    def _check(self, job: PrefillJob) -> list[BlockHash]:
         rt = self.runtime
         if job.fingerprint != rt.spec.fingerprint:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
@@ -81,7 +82,7 @@ class PrefillWorker:
         finally:
             self._active -= 1
 
-    async def _prefill(self, job: PrefillJob, hashes: list) -> PrefillResult:
+    async def _prefill(self, job: PrefillJob, hashes: list[BlockHash]) -> PrefillResult:
         rt = self.runtime
         bs = rt.spec.block_size
         payloads: list[bytes] = []

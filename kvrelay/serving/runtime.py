@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -16,7 +16,7 @@ from cachestore.codec import CODEC_VERSION, LAYOUT, BlockSpec
 from cachestore.fingerprint import model_fingerprint
 from cachestore.kvstore import PrefixCache
 from cachestore.redis_store import RedisBlockStore
-from cachestore.stats import CacheStats
+from cachestore.store import BlockStore, NullBlockStore
 from engine.loader import LoadedModel, default_model_path, load_model
 from engine.runner import ModelRunner
 from kvrelay.serving.metrics import WorkerMetrics
@@ -24,25 +24,6 @@ from kvrelay.serving.worker_config import WorkerConfig
 
 log = logging.getLogger("kvrelay.runtime")
 T = TypeVar("T")
-
-
-class NoStore:
-    """The block store of a worker run without Redis: every lookup misses, writes drop."""
-
-    def __init__(self) -> None:
-        self.stats = CacheStats()
-
-    def lookup_prefix(self, keys: Sequence[str]) -> int:
-        return 0
-
-    def get_many(self, keys: Sequence[str], *, arena: Any = None) -> list[memoryview | None]:
-        return [None] * len(keys)
-
-    def put_many(self, items: Sequence[Any], ttl_s: int | None = None) -> int:
-        return 0
-
-    def close(self) -> None:
-        """Nothing to release."""
 
 
 def kv_dtype_name(runner: ModelRunner) -> str:
@@ -60,11 +41,11 @@ def block_spec(loaded: LoadedModel, runner: ModelRunner) -> BlockSpec:
                      cfg.num_kv_heads, cfg.head_dim)
 
 
-def open_store(config: WorkerConfig) -> RedisBlockStore | NoStore:
-    """The shared block store named by ``config.redis_url`` (NoStore when empty)."""
+def open_store(config: WorkerConfig) -> BlockStore:
+    """The shared block store named by ``config.redis_url`` (a null store when empty)."""
     if not config.redis_url:
         log.warning("no redis_url: running without the shared prefix store")
-        return NoStore()
+        return NullBlockStore()
     return RedisBlockStore.from_url(config.redis_url, cluster=config.redis_cluster,
                                     timeout_s=config.store_timeout_s,
                                     ttl_s=config.block_ttl_s or None)

@@ -11,8 +11,8 @@ import argparse
 import dataclasses
 import os
 import types
-from collections.abc import Mapping
-from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, Union, cast, get_args, get_origin, get_type_hints
 
 T = TypeVar("T")
 ENV_PREFIX = "KVRELAY_"
@@ -34,6 +34,12 @@ def _parse(kind: type, raw: str) -> Any:
     return kind(raw)
 
 
+def _parser(kind: type) -> Callable[[str], Any]:
+    def parse(raw: str) -> Any:
+        return _parse(kind, raw)
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one ``--flag`` per field of the settings dataclass ``cls`` (default: unset)."""
     hints = get_type_hints(cls)
@@ -42,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         env = ENV_PREFIX + f.name.upper()
         default = f.default if f.default is not dataclasses.MISSING else None
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                            type=lambda raw, k=kind: _parse(k, raw),
+                            type=_parser(kind),
                             help=f"{f.metadata.get('help', '')} [env {env}; default {default!r}]")
 
 
@@ -51,7 +57,7 @@ def from_args(cls: type[T], args: argparse.Namespace, env: Mapping[str, str] | N
     env = os.environ if env is None else env
     hints = get_type_hints(cls)
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(cast(Any, cls)):
         flag = getattr(args, f.name, None)
         raw = env.get(ENV_PREFIX + f.name.upper())
         if flag is not None:

@@ -86,7 +86,7 @@ def test_a_cancelled_stream_frees_its_kv(lone_decode: Worker) -> None:
     with lone_decode.channel() as channel:
         call = pb_grpc.GenerationStub(channel).GenerateStream(_long_request(), timeout=60)
         next(call)
-        assert lone_decode.metric("kvrelay_kv_pool_used_blocks") > 0
+        _wait_for(lambda: lone_decode.metric("kvrelay_kv_pool_used_blocks") > 0)
         call.cancel()
     _wait_for(lambda: lone_decode.metric("kvrelay_kv_pool_used_blocks") == 0)
     _wait_for(lambda: lone_decode.metric("kvrelay_running_requests") == 0)
