@@ -21,6 +21,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "engine": ("grpc", "redis", "protos", "cachestore", "prefill_service", "decode_service", "kvrelay"),
     "cachestore": ("grpc", "protos", "engine.model", "engine.runner", "engine.engine",
                    "engine.loader", "prefill_service", "decode_service", "kvrelay"),
+    # the gRPC plumbing both services share sits below them
+    "kvrelay/serving": ("prefill_service", "decode_service", "kvrelay.commands", "kvrelay.cli"),
 }
 
 
