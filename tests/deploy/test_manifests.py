@@ -83,3 +83,12 @@ def test_redis_is_an_lru_cache_with_the_same_settings_everywhere() -> None:
     assert {"maxmemory-policy allkeys-lru", "appendonly no", 'save ""'} <= conf
     config_map = next(o for o in _k8s_objects() if o["metadata"]["name"] == "kvrelay-redis-config")
     assert _redis_settings(config_map["data"]["redis.conf"]) <= conf
+
+
+def test_prometheus_scrapes_each_worker_metrics_port() -> None:
+    services = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]
+    config = yaml.safe_load((DEPLOY / "monitoring" / "prometheus.yml").read_text())
+    targets = {t for job in config["scrape_configs"] for s in job["static_configs"]
+               for t in s["targets"]}
+    assert targets == {f"{name}:{services[name]['environment']['KVRELAY_METRICS_PORT']}"
+                       for name in ("prefill", "decode")}
