@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+import jinja2
 import numpy as np
 
 from cachestore.hashing import BlockHash
@@ -28,6 +29,7 @@ from engine.engine import LLMEngine, StepOutput
 from engine.kv import OutOfBlocks
 from engine.sampling import InvalidRequest, InvalidSamplingParams
 from engine.sequence import Sequence
+from engine.tokenizer import Tokenizer
 from kvrelay.serving.errors import ServiceError, invalid_argument
 from kvrelay.serving.kvblocks import collect_payloads
 from kvrelay.serving.runtime import Runtime
@@ -117,9 +119,7 @@ class DecodeWorker:
         if req.token_ids is not None:
             ids = list(req.token_ids)
         elif req.messages is not None:
-            rendered = tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in req.messages])
-            ids = tokenizer.encode(rendered, add_special_tokens=False)
+            ids = tokenizer.encode(render_chat(tokenizer, req), add_special_tokens=False)
         else:
             ids = tokenizer.encode(req.text or "")
         self._check(req, ids)
@@ -236,6 +236,17 @@ class DecodeWorker:
             "cached_prompt_tokens": usage.cached_prompt_tokens, "completion_tokens": count,
             "ttft_ms": round(timings.time_to_first_token_ms, 2)})
         return Completion(req.request_id, reason, usage, timings)
+
+
+def render_chat(tokenizer: Tokenizer, req: GenerationRequest) -> str:
+    """The messages through the model's chat template; INVALID_ARGUMENT when it refuses them."""
+    if not tokenizer.has_chat_template:
+        raise invalid_argument("messages", "this model has no chat template; send a prompt")
+    try:
+        return tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in (req.messages or ())])
+    except jinja2.TemplateError as exc:
+        raise invalid_argument("messages", f"the chat template refused them: {str(exc)[:200]}") from exc
 
 
 def _as_service_error(exc: Exception, input_field: str) -> Exception:
