@@ -6,6 +6,8 @@ deadline, overloaded, a different model), and counts it by that reason.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 
 import grpc
@@ -14,6 +16,9 @@ from kvrelay.serving.server import message_size_options
 from protos.kvrelay.v1 import prefill_pb2 as pb
 from protos.kvrelay.v1 import prefill_pb2_grpc as pb_grpc
 
+log = logging.getLogger("kvrelay.prefill_client")
+_LOG_INTERVAL_S = 30.0
+
 
 class PrefillClient:
     """One channel (TLS when given credentials) to one prefill worker, made on the running loop."""
@@ -21,6 +26,7 @@ class PrefillClient:
     def __init__(self, addr: str, max_message_bytes: int,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
         self.addr = addr
+        self._quiet_until: dict[str, float] = {}
         options = message_size_options(max_message_bytes)
         self._channel = grpc.aio.secure_channel(addr, credentials, options=options) \
             if credentials else grpc.aio.insecure_channel(addr, options=options)
@@ -35,8 +41,20 @@ class PrefillClient:
         try:
             reply = await self._stub.Prefill(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as err:
-            return None, err.code().name.lower()
+            reason = err.code().name.lower()
+            self._log_failure(reason, err.details() or "")
+            return None, reason
         return reply.stored_prompt_tokens, ""
+
+    def _log_failure(self, reason: str, details: str) -> None:
+        """Warn at once, then at most every ``_LOG_INTERVAL_S`` per reason."""
+        now = time.monotonic()
+        if now < self._quiet_until.get(reason, 0.0):
+            return
+        self._quiet_until[reason] = now + _LOG_INTERVAL_S
+        log.warning("Prefill call failed; prefilling locally (logged at most every %.0f s)",
+                    _LOG_INTERVAL_S, extra={"prefill_addr": self.addr, "reason": reason,
+                                            "details": details[:200]})
 
     async def close(self) -> None:
         await self._channel.close()

@@ -181,8 +181,6 @@ class DecodeWorker:
                                                self.runtime.spec.fingerprint, req.request_id, timeout)
         if stored is None:
             self.runtime.metrics.fallbacks.labels(reason).inc()
-            log.warning("prefill worker failed; prefilling locally",
-                        extra={"request_id": req.request_id, "reason": reason})
             return cached
         return min(len(hashes), max(cached, stored // bs))
 
