@@ -45,7 +45,8 @@ class Worker:
         return open_channel(self.addr)
 
     def metric(self, name: str) -> float:
-        """Sum of every sample of ``name`` (all label values) on the metrics endpoint."""
+        """Sum of the samples of ``name`` on the metrics endpoint (all label values, unless
+        ``name`` ends with a label set such as ``{reason="unavailable"}``)."""
         text = urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith(name) and line[len(name)] in " {")

@@ -31,29 +31,56 @@ def _wait_for(condition, timeout_s: float = 10.0) -> None:  # type: ignore[no-un
         time.sleep(0.05)
 
 
-def test_requests_succeed_by_local_prefill_when_the_prefill_worker_is_down(
+def _generate(worker: Worker, prompt: str, salt: str) -> pb.GenerateResponse:
+    request = pb.GenerateRequest(prompt=prompt, cache_salt=salt,
+                                 sampling=pb.SamplingParams(max_new_tokens=8))
+    with worker.channel() as channel:
+        return pb_grpc.GenerationStub(channel).Generate(request, timeout=30)
+
+
+def test_requests_succeed_by_local_prefill_when_the_prefill_worker_hangs_or_is_down(
         store: RedisServer, tiny_model_dir: Path, tmp_path: Path, reference: Reference) -> None:
     prefill = start_worker("prefill", tiny_model_dir, store.url(), tmp_path)
     decode = start_worker("decode", tiny_model_dir, store.url(), tmp_path,
-                          prefill_addr=prefill.addr, extra=("--prefill-timeout-s", "2"))
+                          prefill_addr=prefill.addr, extra=("--prefill-timeout-s", "1"))
     try:
+        prefill.process.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        hung = _generate(decode, "Hung: " + PROMPT, "hung")
+        assert time.monotonic() - started < 10
+        assert list(hung.token_ids) == reference.greedy(reference.tokenizer.encode("Hung: " + PROMPT), 8)
+        assert decode.metric('kvrelay_local_prefill_fallbacks_total{reason="deadline_exceeded"}') == 1
+        prefill.process.send_signal(signal.SIGCONT)
         prefill.stop()
-        request = pb.GenerateRequest(prompt=PROMPT, cache_salt="fallback",
-                                     sampling=pb.SamplingParams(max_new_tokens=8))
-        with decode.channel() as channel:
-            reply = pb_grpc.GenerationStub(channel).Generate(request, timeout=30)
+
+        reply = _generate(decode, PROMPT, "down")
         ids = reference.tokenizer.encode(PROMPT)
         assert list(reply.token_ids) == reference.greedy(ids, 8)
-        assert decode.metric("kvrelay_local_prefill_fallbacks_total") == 1
+        assert decode.metric('kvrelay_local_prefill_fallbacks_total{reason="unavailable"}') == 1
         # decode published what it computed itself: the same prompt is now a hit
-        _wait_for(lambda: decode.metric("kvrelay_published_blocks_total") >= len(ids) // 16)
-        with decode.channel() as channel:
-            again = pb_grpc.GenerationStub(channel).Generate(request, timeout=30)
+        _wait_for(lambda: decode.metric("kvrelay_published_blocks_total") >= 2 * (len(ids) // 16))
+        again = _generate(decode, PROMPT, "down")
         assert again.usage.cached_prompt_tokens == len(ids) // 16 * 16
         assert list(again.token_ids) == list(reply.token_ids)
     finally:
         decode.stop()
+        prefill.process.send_signal(signal.SIGCONT)
         prefill.stop()
+
+
+def test_a_decode_worker_killed_mid_stream_ends_the_stream_unavailable(
+        store: RedisServer, tiny_model_dir: Path, tmp_path: Path) -> None:
+    decode = start_worker("decode", tiny_model_dir, store.url(), tmp_path)
+    try:
+        with decode.channel() as channel:
+            call = pb_grpc.GenerationStub(channel).GenerateStream(_long_request(), timeout=60)
+            next(call)
+            decode.process.kill()
+            with pytest.raises(grpc.RpcError) as err:
+                list(call)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        decode.stop()
 
 
 def test_requests_succeed_by_recompute_when_the_store_is_down(
