@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ import tokenizers
 import transformers
 
 from engine.gguf_tokenizer import GGUFTokenizerError, build_tokenizer, merges_from_scores
-from engine.tiny import CORPUS
+from engine.tiny import CORPUS, train_tokenizer
+from engine.tiny import SPECIAL_TOKENS as TINY_SPECIALS
 
 TEXTS = ["Hello world", " leading space", "two  spaces and\nnew\n\nlines\ttab",
          "Café naïve 日本語 😀 ", "<s>the capital</s> of France", "In 2024, 3.14 people"]
@@ -76,6 +78,49 @@ def test_sentencepiece_falls_back_to_bytes(spm_gguf: Path) -> None:
     pieces = ours.encode("猫").tokens
     assert pieces[1:] == ["▁", "<0xE7>", "<0x8C>", "<0xAB>"]
     assert ours.decode(ours.encode("猫").ids) == "猫"
+
+
+def _byte_level_gguf(directory: Path, pre: str, add_bos: bool) -> Path:
+    """A metadata-only GGUF holding the tiny model's byte-level BPE under ``pre``."""
+    backend = train_tokenizer()
+    vocab = sorted(backend.get_vocab(), key=backend.get_vocab().get)
+    merges = json.loads(backend.to_str())["model"]["merges"]
+    path = directory / f"{pre}-{add_bos}.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(vocab)
+    w.add_token_merges([" ".join(m) for m in merges])
+    w.add_token_types([3 if tok in TINY_SPECIALS else 1 for tok in vocab])
+    w.add_bos_token_id(vocab.index("<|endoftext|>"))
+    w.add_eos_token_id(vocab.index("<|im_end|>"))
+    w.add_add_bos_token(add_bos)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize(("pre", "add_bos"), [("default", False), ("llama-bpe", True),
+                                              ("qwen2", False)])
+def test_byte_level_matches_transformers(tmp_path: Path, pre: str, add_bos: bool) -> None:
+    path = _byte_level_gguf(tmp_path, pre, add_bos)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    ours = build_tokenizer(_fields(path))
+    for text in [*TEXTS, "12345 digits 007", "<|im_start|>user\nhi<|im_end|>"]:
+        ids = ours.encode(text).ids
+        assert ids == theirs.encode(text), text
+        assert (ids[0] == ours.token_to_id("<|endoftext|>")) == add_bos
+
+
+def test_smollm_splits_digits_one_by_one(tmp_path: Path) -> None:
+    """As SmolLM2 was trained (its vocabulary has no token holding a digit and anything
+    else); a vocabulary with digit merges shows the split."""
+    smollm = build_tokenizer(_fields(_byte_level_gguf(tmp_path, "smollm", False)))
+    default = build_tokenizer(_fields(_byte_level_gguf(tmp_path, "default", False)))
+    assert smollm.encode("In 2024").tokens == ["In", "Ġ", "2", "0", "2", "4"]
+    assert len(default.encode("In 2024").tokens) < 6
 
 
 def test_merges_follow_scores() -> None:
