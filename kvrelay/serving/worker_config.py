@@ -28,7 +28,8 @@ class WorkerConfig:
     store_threads: int = setting(4, "threads doing store I/O")
     block_size: int = setting(64, "tokens per KV block (part of the model fingerprint; "
                                   "every worker sharing a store must agree)")
-    num_blocks: int = setting(2048, "KV blocks in this worker's pool")
+    num_blocks: int = setting(512, "KV blocks in this worker's pool (x block_size tokens; SmolLM2-135M "
+                                   "in float32 keeps 46 KB of K/V per token)")
     max_batch_size: int = setting(16, "most sequences in one forward pass")
     max_requests: int = setting(64, "most requests running plus waiting (RESOURCE_EXHAUSTED beyond)")
     max_message_bytes: int = setting(4 * 1024 * 1024, "gRPC message-size limit, both directions")
