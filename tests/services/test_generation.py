@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -206,3 +209,15 @@ def test_logprobs_come_with_every_token(cluster: Cluster) -> None:
     reply = _generate(cluster.decodes[0], request)
     assert len(reply.logprobs) == len(reply.token_ids) > 0
     assert all(p <= 0.0 for p in reply.logprobs)
+
+
+def test_every_documented_metric_is_exported(cluster: Cluster) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "deploy" / "README.md").read_text()
+    documented = set(re.findall(r"`(kvrelay_[a-z_]+)", readme))
+    assert len(documented) > 10
+    exported = set()
+    for worker in (cluster.prefill, cluster.decodes[0]):
+        text = urllib.request.urlopen(worker.metrics_url, timeout=5).read().decode()
+        exported |= set(re.findall(r"^# TYPE (\w+) \w+", text, re.MULTILINE))
+        exported |= set(re.findall(r"^(\w+)[{ ]", text, re.MULTILINE))
+    assert documented <= exported, documented - exported
