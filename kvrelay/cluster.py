@@ -26,6 +26,13 @@ from kvrelay.healthcheck import is_serving
 Progress = Callable[[str], None]
 
 
+def die_with_parent(cmd: list[str]) -> list[str]:
+    """``cmd`` run so that it gets SIGTERM when this process dies (util-linux ``setpriv``,
+    where installed): a killed ``kvrelay up`` leaves no workers behind."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", *cmd] if setpriv else cmd
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as sock:
@@ -133,8 +140,8 @@ class LocalCluster:
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
         env = {**os.environ, **self.spec.extra_env}
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(die_with_parent(cmd), stdout=log, stderr=subprocess.STDOUT,
+                                env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
         self._procs.append((name, proc))
         return proc

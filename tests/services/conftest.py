@@ -23,7 +23,13 @@ from engine.loader import load_model
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
 from kvrelay.client import open_channel
-from kvrelay.cluster import free_port, stop_process, wait_until_serving, worker_command
+from kvrelay.cluster import (
+    die_with_parent,
+    free_port,
+    stop_process,
+    wait_until_serving,
+    worker_command,
+)
 from kvrelay.serving.runtime import block_spec
 from tests.support.redis_server import RedisServer, start_redis
 
@@ -68,7 +74,8 @@ def start_worker(role: str, model: Path, redis_url: str, log_dir: Path, *,
     cmd += ["--num-blocks", "512", *extra]
     log_path = log_dir / f"{role}-{port}.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(die_with_parent(cmd), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
     worker = Worker(role, proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics",
                     log_path)
     try:

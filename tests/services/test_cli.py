@@ -62,3 +62,20 @@ def test_generate_reports_an_unreachable_worker() -> None:
     result = _kvrelay("generate", "--addr", f"127.0.0.1:{free_port()}", "--timeout", "2", "Hi")
     assert result.returncode == 1
     assert "UNAVAILABLE" in result.stderr or "DEADLINE_EXCEEDED" in result.stderr
+
+
+def test_a_killed_up_leaves_no_workers_behind(tiny_model_dir: Path) -> None:
+    port = free_port()
+    up = subprocess.Popen([sys.executable, "-m", "kvrelay", "up", "--model", str(tiny_model_dir),
+                           "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    try:
+        _read_until(up, "cluster is up", timeout_s=120)
+        assert is_serving(f"127.0.0.1:{port}")
+    finally:
+        up.kill()
+        up.wait(timeout=10)
+    deadline = time.monotonic() + 20
+    while is_serving(f"127.0.0.1:{port}", timeout_s=1.0):
+        assert time.monotonic() < deadline, "the decode worker outlived kvrelay up"
+        time.sleep(0.2)
