@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/kvrelay/v1/prefill.proto\x12\nkvrelay.v1\"\x93\x01\n\x0ePrefillRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x12\n\ncache_salt\x18\x02 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x0c\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\x15\n\rcached_blocks\x18\x05 \x01(\x05\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"v\n\x0fPrefillResponse\x12\x1c\n\x14stored_prompt_tokens\x18\x01 \x01(\x05\x12\x17\n\x0f\x63omputed_tokens\x18\x02 \x01(\x05\x12\x18\n\x10published_blocks\x18\x03 \x01(\x05\x12\x12\n\ncompute_ms\x18\x04 \x01(\x01\x32M\n\x07Prefill\x12\x42\n\x07Prefill\x12\x1a.kvrelay.v1.PrefillRequest\x1a\x1b.kvrelay.v1.PrefillResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/kvrelay/v1/prefill.proto\x12\nkvrelay.v1\"|\n\x0ePrefillRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x12\n\ncache_salt\x18\x02 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x0c\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"v\n\x0fPrefillResponse\x12\x1c\n\x14stored_prompt_tokens\x18\x01 \x01(\x05\x12\x17\n\x0f\x63omputed_tokens\x18\x02 \x01(\x05\x12\x18\n\x10published_blocks\x18\x03 \x01(\x05\x12\x12\n\ncompute_ms\x18\x04 \x01(\x01\x32M\n\x07Prefill\x12\x42\n\x07Prefill\x12\x1a.kvrelay.v1.PrefillRequest\x1a\x1b.kvrelay.v1.PrefillResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.kvrelay.v1.prefill_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PREFILLREQUEST']._serialized_start=48
-  _globals['_PREFILLREQUEST']._serialized_end=195
-  _globals['_PREFILLRESPONSE']._serialized_start=197
-  _globals['_PREFILLRESPONSE']._serialized_end=315
-  _globals['_PREFILL']._serialized_start=317
-  _globals['_PREFILL']._serialized_end=394
+  _globals['_PREFILLREQUEST']._serialized_start=47
+  _globals['_PREFILLREQUEST']._serialized_end=171
+  _globals['_PREFILLRESPONSE']._serialized_start=173
+  _globals['_PREFILLRESPONSE']._serialized_end=291
+  _globals['_PREFILL']._serialized_start=293
+  _globals['_PREFILL']._serialized_end=370
 # @@protoc_insertion_point(module_scope)
