@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from engine.gguf_tokenizer import GGUFTokenizerError, adds_bos, build_tokenizer, special_token
 
 # Bump when the converter's output changes, so cached conversions are redone.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3
 
 
 class GGUFConversionError(ValueError):
@@ -50,6 +50,7 @@ GGUF_FAMILIES: dict[str, _Family] = {
     "qwen2": _Family("Qwen2ForCausalLM", "qwen2", rope_permuted=False),
 }
 
+_ROPE_FREQS = "rope_freqs.weight"
 _GLOBAL_TENSORS = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -126,11 +127,9 @@ def hf_config(meta: _Metadata, family: _Family, reader: GGUFReader) -> dict[str,
         return f"{arch}.{name}"
 
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:
-        raise GGUFConversionError("unsupported: rope_freqs tensor (llama3-style rope scaling)")
     heads = int(meta.need(key("attention.head_count")))
     hidden = int(meta.need(key("embedding_length")))
-    return {
+    config = {
         "architectures": [family.architecture],
         "model_type": family.model_type,
         "vocab_size": len(meta.need("tokenizer.ggml.tokens")),
@@ -143,13 +142,17 @@ def hf_config(meta: _Metadata, family: _Family, reader: GGUFReader) -> dict[str,
         "max_position_embeddings": int(meta.get(key("context_length"), 2048)),
         "rms_norm_eps": _f32(meta.need(key("attention.layer_norm_rms_epsilon"))),
         "rope_theta": _f32(meta.get(key("rope.freq_base"), 10000.0)),
-        "rope_scaling": _rope_scaling(meta, arch),
         "tie_word_embeddings": "output.weight" not in names,
         "hidden_act": "silu",
         "torch_dtype": "float32",
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
     }
+    rope_freqs = next((t for t in reader.tensors if t.name == _ROPE_FREQS), None)
+    config["rope_scaling"] = (_rope_scaling(meta, arch) if rope_freqs is None else llama3_scaling(
+        dequantize(rope_freqs.data, rope_freqs.tensor_type), config["head_dim"],
+        config["rope_theta"], int(meta.get(key("rope.scaling.original_context_length"), 8192))))
+    return config
 
 
 def _f32(value: float) -> float:
@@ -167,11 +170,43 @@ def _rope_scaling(meta: _Metadata, arch: str) -> dict[str, Any] | None:
     return {"rope_type": "linear", "factor": _f32(meta.need(f"{arch}.rope.scaling.factor"))}
 
 
+def llama3_scaling(rope_freqs: np.ndarray, head_dim: int, theta: float,
+                   original_length: int) -> dict[str, Any]:
+    """llama3 rope scaling recovered from llama.cpp's per-frequency divisors (``rope_freqs``).
+
+    Frequency i is divided by 1 at short wavelengths, by ``factor`` at long ones, and by
+    ``1 / ((1 - s) / factor + s)`` between, where ``s = (L / wavelen - low) / (high - low)``
+    is linear in ``1 / wavelen``. A line fitted through the in-between frequencies gives
+    ``low`` and ``high`` for the chosen ``L`` (the three act only through that line, so any
+    ``L`` gives the same frequencies; the file's original context length or Llama 3's 8192).
+    """
+    divisors = np.asarray(rope_freqs, dtype=np.float64)
+    factor = float(divisors.max())
+    between = (divisors > 1 + 1e-6) & (divisors < factor * (1 - 1e-6))
+    if between.sum() < 2:
+        raise GGUFConversionError("cannot recover llama3 rope scaling from rope_freqs: fewer "
+                                  "than two frequencies between the scaled and unscaled ones")
+    inv_wavelen = theta ** -(np.arange(0, head_dim, 2) / head_dim) / (2 * np.pi)  # (hd/2,)
+    smooth = (1 / divisors[between] - 1 / factor) / (1 - 1 / factor)
+    slope, intercept = np.polyfit(inv_wavelen[between], smooth, 1)
+    span = original_length / slope  # high - low
+    low = -intercept * span
+
+    def rounded(v: float) -> float:
+        return float(f"{v:.5g}")
+
+    return {"rope_type": "llama3", "factor": rounded(factor), "low_freq_factor": rounded(low),
+            "high_freq_factor": rounded(low + span),
+            "original_max_position_embeddings": original_length}
+
+
 def hf_tensors(reader: GGUFReader, config: dict[str, Any],
                family: _Family) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, float32 tensor) for every tensor, dequantized, q/k rows un-permuted."""
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     for t in reader.tensors:
+        if t.name == _ROPE_FREQS:  # folded into config.json's rope_scaling
+            continue
         name, kind = hf_tensor_name(t.name)
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims fastest first
         data = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)

@@ -28,6 +28,7 @@ from engine.loader import (
     demo_gguf_path,
     load_model,
 )
+from engine.rope import inverse_frequencies
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
 from engine.tiny import write_tiny_model
@@ -86,8 +87,23 @@ def _gguf_name(hf_name: str) -> str:
     return f"{_GGUF_NAMES[stem]}.{kind}"
 
 
+def _llama_cpp_rope_freqs(config: dict[str, Any]) -> np.ndarray:
+    """The per-frequency divisors llama.cpp stores for llama3 rope scaling."""
+    scaling, hd = config["rope_scaling"], config["head_dim"]
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    length = scaling["original_max_position_embeddings"]
+    out = []
+    for freq in config["rope_theta"] ** -(np.arange(0, hd, 2) / hd):
+        wavelen = 2 * np.pi / freq
+        smooth = (length / wavelen - low) / (high - low)
+        out.append(1.0 if wavelen < length / high else factor if wavelen > length / low
+                   else 1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
 def write_gguf(model_dir: Path, out: Path, arch: str) -> Path:
-    """Write an HF-format float32 model as llama.cpp would: GGUF names, q/k rows permuted."""
+    """Write an HF-format float32 model as llama.cpp would: GGUF names, q/k rows permuted,
+    llama3 rope scaling as a ``rope_freqs`` tensor."""
     config = json.loads((model_dir / "config.json").read_text())
     tok = json.loads((model_dir / "tokenizer.json").read_text())
     special = {t["id"] for t in tok["added_tokens"] if t["special"]}
@@ -110,6 +126,8 @@ def write_gguf(model_dir: Path, out: Path, arch: str) -> Path:
     w.add_eos_token_id(config["eos_token_id"])
     template = json.loads((model_dir / "tokenizer_config.json").read_text())["chat_template"]
     w.add_chat_template(template)
+    if (config.get("rope_scaling") or {}).get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", _llama_cpp_rope_freqs(config))
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     for name, tensor in load_file(model_dir / "model.safetensors").items():
         data, gname = tensor.numpy(), _gguf_name(name)
@@ -143,6 +161,20 @@ def test_round_trip_through_gguf_is_exact(tmp_path: Path, arch: str, gguf_arch: 
     for text in TEXTS:
         assert back.tokenizer.encode(text) == ours.encode(text)
     assert back.tokenizer.apply_chat_template(CHATS[1]) == ours.apply_chat_template(CHATS[1])
+
+
+def test_llama3_rope_scaling_survives_gguf(tmp_path: Path) -> None:
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    original = write_tiny_model(tmp_path / "hf", rope_scaling=scaling)
+    back = load_model(str(write_gguf(original, tmp_path / "tiny.gguf", "llama")),
+                      cache_dir=tmp_path / "cache")
+    assert back.config.rope_scaling is not None
+    assert back.config.rope_scaling["rope_type"] == "llama3"
+    expected = inverse_frequencies(load_model(str(original)).config)
+    assert not torch.equal(expected, inverse_frequencies(dataclasses.replace(
+        back.config, rope_scaling=None)))  # the scaling matters
+    torch.testing.assert_close(inverse_frequencies(back.config), expected, rtol=1e-6, atol=0)
 
 
 def test_unsupported_gguf_architecture_is_named(tmp_path: Path, tiny_model_dir: Path) -> None:
