@@ -149,7 +149,7 @@ def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str
     of the vocabulary, the best-scoring (then longest-left) merges first."""
     ids = {tok: i for i, tok in enumerate(tokens)}
     candidates = []
-    for tok, score in zip(tokens, scores):
+    for tok, score in zip(tokens, scores, strict=True):
         splits = [(tok[:k], tok[k:]) for k in range(1, len(tok))]
         pairs = sorted((ids[a], ids[b], a, b) for a, b in splits if a in ids and b in ids)
         candidates += [(score, a, b) for _, _, a, b in pairs]
@@ -173,7 +173,7 @@ def _add_special_tokens(tokenizer: Tokenizer, fields: Fields,
     so both are matched whole in text instead of being cut into pieces."""
     tokens: list[str] = _need(fields, "tokenizer.ggml.tokens")
     types = fields.get("tokenizer.ggml.token_type") or []
-    kept = [(tok, kind) for tok, kind in zip(tokens, types) if keep(tok)]
+    kept = [(tok, kind) for tok, kind in zip(tokens, types, strict=False) if keep(tok)]
     tokenizer.add_special_tokens([AddedToken(tok, special=True, normalized=False)
                                   for tok, kind in kept if kind == _CONTROL])
     tokenizer.add_tokens([AddedToken(tok, special=False, normalized=False)

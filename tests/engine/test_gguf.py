@@ -268,7 +268,7 @@ def our_greedy(loaded: LoadedModel) -> list[list[int]]:
 def test_greedy_generation_matches_transformers(loaded: LoadedModel, hf_model: Any,
                                                 our_greedy: list[list[int]]) -> None:
     tok = loaded.tokenizer
-    for chat, our_ids in zip(CHATS, our_greedy):
+    for chat, our_ids in zip(CHATS, our_greedy, strict=True):
         prompt = _chat_ids(tok, chat)
         with torch.no_grad():
             out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS,
