@@ -9,6 +9,7 @@ never computed here: decode computes it (with at least the last prompt token).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ from kvrelay.serving.kvblocks import (
     used_blocks,
 )
 from kvrelay.serving.runtime import Runtime
+
+log = logging.getLogger("kvrelay.prefill")
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,9 @@ class PrefillWorker:
         stored = await rt.on_store("lookup", rt.cache.lookup, hashes)
         rt.metrics.computed_tokens.inc(computed)
         rt.metrics.published_blocks.inc(published)
+        log.info("prefilled", extra={"request_id": job.request_id, "cached_blocks": cached,
+                                     "computed_tokens": computed, "published_blocks": published,
+                                     "stored_tokens": stored * bs, "compute_ms": round(compute_ms, 2)})
         return PrefillResult(stored * bs, computed, published, compute_ms)
 
     async def warm(self) -> None:
