@@ -38,7 +38,6 @@ class Admission:
     hashes: list[BlockHash]
     payloads: list[bytes]
     events: asyncio.Queue[Any]
-    submitted: float
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,7 @@ class DecodeWorker:
         plan = await self._plan(req, token_ids, hashes, arrived, time_left_s)
         seq = Sequence(uuid.uuid4().hex, token_ids, req.params)
         events: asyncio.Queue[object] = asyncio.Queue()
-        self.scheduler.submit(Admission(seq, plan.hashes, plan.payloads, events, time.monotonic()))
+        self.scheduler.submit(Admission(seq, plan.hashes, plan.payloads, events))
         finished = False
         try:
             async for item in self._follow(req, seq, plan, events, arrived):
