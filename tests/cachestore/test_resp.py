@@ -11,6 +11,7 @@ from cachestore.resp import (
     ReplyError,
     ReplyReader,
     TooLarge,
+    _small_ones_joined,
     pack_command,
     pack_set,
     send_buffers,
@@ -129,3 +130,10 @@ def test_arena_recycles_and_grows() -> None:
     arena.reset()
     assert arena.capacity == 12
     assert arena.take(12).obj is arena.take(0).obj
+
+
+def test_small_buffers_are_joined_for_tls_and_large_ones_kept() -> None:
+    big = bytearray(b"b" * 100_000)
+    out = list(_small_ones_joined([b"a", b"b", memoryview(big), b"c"]))
+    assert [bytes(o) for o in out] == [b"ab", bytes(big), b"c"]
+    assert isinstance(out[1], memoryview) and out[1].obj is big
