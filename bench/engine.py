@@ -61,7 +61,8 @@ def _models() -> tuple[Any, ModelRunner]:
     hf = transformers.LlamaForCausalLM(config).eval()
     model = build_model(ModelConfig.from_hf(config.to_dict()))
     model.load_state_dict(hf.state_dict())
-    blocks = 16 * (PREFILL_TOKENS[-1] + PROMPT_TOKENS + NEW_TOKENS) // BLOCK_SIZE + 16
+    tokens = max(PREFILL_TOKENS[-1], max(DECODE_BATCHES) * (PROMPT_TOKENS + NEW_TOKENS))
+    blocks = tokens // BLOCK_SIZE + max(DECODE_BATCHES)
     runner = ModelRunner((model.config, model), num_blocks=blocks, block_size=BLOCK_SIZE)
     return hf, runner
 

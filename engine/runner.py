@@ -114,7 +114,7 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, seqs: Seq[RunnerSequence]) -> torch.Tensor:
         """One step for sequences whose only uncomputed token is the last: logits (B, V)."""
-        if any(s.num_computed != len(s.token_ids) - 1 for s in seqs if self.use_cache):
+        if self.use_cache and any(s.num_computed != len(s.token_ids) - 1 for s in seqs):
             raise ValueError("decode needs exactly one uncomputed token per sequence")
         starts = [len(s.token_ids) - 1 if self.use_cache else 0 for s in seqs]
         return self._run(seqs, starts)
