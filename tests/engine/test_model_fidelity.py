@@ -8,10 +8,14 @@ transformers gives.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from engine.config import SUPPORTED_ARCHITECTURES, ModelConfigError
 from engine.engine import LLMEngine
+from engine.model import MODEL_REGISTRY, build_model
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
 from engine.sequence import Sequence
@@ -91,3 +95,16 @@ def test_batched_with_other_prompts_gives_the_same_tokens(pair: ModelPair, refer
         assert result.token_ids == expected
         assert result.finish_reason == "length"
     assert engine.runner.allocator.num_free == engine.runner.allocator.num_blocks
+
+
+def test_every_supported_architecture_has_a_model_class() -> None:
+    assert set(SUPPORTED_ARCHITECTURES) <= set(MODEL_REGISTRY)
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "dynamic", "factor": 2.0},
+                                     {"rope_type": "yarn", "factor": 4.0}])
+def test_rope_types_not_implemented_are_refused_at_build(llama_pair: ModelPair,
+                                                         scaling: dict[str, object]) -> None:
+    config = dataclasses.replace(llama_pair.config, rope_scaling=scaling)
+    with pytest.raises(ModelConfigError, match="rope_scaling"):
+        build_model(config)
