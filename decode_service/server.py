@@ -64,9 +64,8 @@ async def run(config: DecodeConfig) -> None:
         servicer.worker = build_worker(config, runtime)
         await warm(servicer.worker)
 
-    def on_stop() -> None:
+    async def on_stop() -> None:
         if servicer.worker is not None:
-            servicer.worker.scheduler.stop()
-            servicer.worker.runtime.close()
+            await servicer.worker.close()
 
     await serve(server, lifecycle, config, warm_up, on_stop)

@@ -64,6 +64,13 @@ class DecodeWorker:
         runtime.metrics.waiting.set_function(
             lambda: max(0, self.active - len(scheduler.engine.running)))
 
+    async def close(self) -> None:
+        """Stop the batch thread, close the prefill channel and the store."""
+        self.scheduler.stop()
+        if self.prefill_client is not None:
+            await self.prefill_client.close()
+        self.runtime.close()
+
     async def generate(self, req: GenerationRequest, time_left_s: float | None) -> Completion:
         """Run ``req`` to the end and answer once."""
         deltas: list[TokenDelta] = []

@@ -8,7 +8,6 @@ period) in reverse order. Worker logs go to files in ``log_dir``.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -17,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
@@ -52,7 +51,6 @@ class ClusterSpec:
     redis_maxmemory: str = "512mb"
     block_size: int = 16
     ready_timeout_s: float = 300.0
-    extra_env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -139,9 +137,8 @@ class LocalCluster:
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
-        env = {**os.environ, **self.spec.extra_env}
         proc = subprocess.Popen(die_with_parent(cmd), stdout=log, stderr=subprocess.STDOUT,
-                                env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
         self._procs.append((name, proc))
         return proc

@@ -37,7 +37,7 @@ async def run(config: PrefillConfig) -> None:
         servicer.worker = PrefillWorker(runtime, config.max_requests)
         await servicer.worker.warm()
 
-    def on_stop() -> None:
+    async def on_stop() -> None:
         if servicer.worker is not None:
             servicer.worker.runtime.close()
 

@@ -60,7 +60,8 @@ def listen(server: grpc.aio.Server, config: WorkerConfig) -> None:
 
 
 async def serve(server: grpc.aio.Server, lifecycle: Lifecycle, config: WorkerConfig,
-                warm_up: Callable[[], Awaitable[None]], on_stop: Callable[[], None]) -> None:
+                warm_up: Callable[[], Awaitable[None]],
+                on_stop: Callable[[], Awaitable[None]]) -> None:
     """Listen (NOT_SERVING), warm up, serve; on SIGTERM/SIGINT drain and stop."""
     stop = _stop_event()
     address, grace_s = config.address, config.drain_grace_s
@@ -75,5 +76,5 @@ async def serve(server: grpc.aio.Server, lifecycle: Lifecycle, config: WorkerCon
     log.info("draining", extra={"in_flight": lifecycle.in_flight, "grace_s": grace_s})
     await lifecycle.drain(grace_s)
     await server.stop(1.0)
-    on_stop()
+    await on_stop()
     log.info("stopped")
