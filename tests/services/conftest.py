@@ -60,9 +60,6 @@ class Worker:
     def stop(self) -> None:
         stop_process(self.process, grace_s=10.0)
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
 
 def start_worker(role: str, model: Path, redis_url: str, log_dir: Path, *,
                  prefill_addr: str | None = None, extra: tuple[str, ...] = (),
@@ -94,8 +91,6 @@ class Cluster:
     redis: RedisServer
     prefill: Worker
     decodes: list[Worker]
-    model_dir: Path
-    log_dir: Path
 
 
 @pytest.fixture(scope="session")
@@ -118,7 +113,7 @@ def cluster(store: RedisServer, tiny_model_dir: Path,
         for _ in range(2):
             workers.append(start_worker("decode", tiny_model_dir, store.url(), log_dir,
                                         prefill_addr=prefill.addr))
-        yield Cluster(store, prefill, workers[1:], tiny_model_dir, log_dir)
+        yield Cluster(store, prefill, workers[1:])
     finally:
         for worker in reversed(workers):
             worker.stop()
