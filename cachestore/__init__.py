@@ -5,7 +5,7 @@
 ``codec``        the block value: a 96-byte header (defined once) and the raw K/V payload
 ``store``        the ``BlockStore`` protocol; in-memory and null stores
 ``redis_store``  ``RedisBlockStore``: standalone, cluster, TLS, ACL users
-``resp``, ``pipeline``, ``arena``  the zero-copy wire path under ``RedisBlockStore``
+``resp``, ``pipeline``, ``routing``, ``arena``  the zero-copy wire path under it
 ``kvstore``      ``PrefixCache``: what the services call
 ``stats``        counters and rate-limited logging
 

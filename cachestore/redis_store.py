@@ -15,19 +15,18 @@ misses. After a connection failure or timeout, calls return misses at once for
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import redis
-from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import AuthenticationError, AuthorizationError, RedisClusterException
 
 from cachestore.arena import Arena
-from cachestore.pipeline import OnReply, Route, run_pipeline
+from cachestore.pipeline import OnReply, run_pipeline
 from cachestore.resp import Reply, ReplyError, TooLarge, pack_command, pack_set
+from cachestore.routing import ClusterRouter, StandaloneRouter
 from cachestore.stats import CacheStats
 from cachestore.store import PutItem, Visit
 
@@ -73,61 +72,6 @@ class StoreConfig:
         return kwargs
 
 
-class _Standalone:
-    """One server: one blocking pool, every key in one pipeline."""
-
-    def __init__(self, config: StoreConfig) -> None:
-        self._pool = redis.BlockingConnectionPool.from_url(
-            config.url, max_connections=config.max_connections, timeout=config.timeout_s,
-            **config.redis_kwargs())
-
-    def route(self, keys: Sequence[bytes]) -> Route:
-        return [(self._pool, list(range(len(keys))))]
-
-    def reset(self) -> None:
-        self._pool.disconnect(inuse_connections=False)
-
-    def close(self) -> None:
-        self._pool.disconnect()
-
-
-class _Cluster:
-    """A Redis Cluster: keys grouped by the master that owns their slot."""
-
-    def __init__(self, config: StoreConfig) -> None:
-        self._config = config
-        self._client: RedisCluster | None = None
-        self._known: list[ClusterNode] = []  # every master seen, to rediscover from
-        self._lock = threading.Lock()
-
-    def _cluster(self) -> RedisCluster:
-        with self._lock:
-            if self._client is None:
-                self._client = RedisCluster.from_url(
-                    self._config.url, startup_nodes=list(self._known),
-                    **self._config.redis_kwargs())
-                self._known = [ClusterNode(n.host, n.port) for n in self._client.get_nodes()]
-            return self._client
-
-    def route(self, keys: Sequence[bytes]) -> Route:
-        client = self._cluster()
-        groups: dict[str, tuple[Any, list[int]]] = {}
-        for index, key in enumerate(keys):
-            node = client.get_node_from_key(key)
-            pool = client.get_redis_connection(node).connection_pool
-            groups.setdefault(node.name, (pool, []))[1].append(index)
-        return list(groups.values())
-
-    def reset(self) -> None:
-        with self._lock:
-            client, self._client = self._client, None
-        if client is not None:
-            client.close()
-
-    def close(self) -> None:
-        self.reset()
-
-
 def _error_kind(exc: BaseException) -> str:
     if isinstance(exc, (redis.TimeoutError, TimeoutError)):
         return "timeout"
@@ -146,7 +90,7 @@ class RedisBlockStore:
     def __init__(self, config: StoreConfig, stats: CacheStats | None = None) -> None:
         self.config = config
         self.stats = stats or CacheStats()
-        self._router = _Cluster(config) if config.cluster else _Standalone(config)
+        self._router = ClusterRouter(config) if config.cluster else StandaloneRouter(config)
         self._retry_at = 0.0
 
     @classmethod
