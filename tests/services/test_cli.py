@@ -79,3 +79,15 @@ def test_a_killed_up_leaves_no_workers_behind(tiny_model_dir: Path) -> None:
     while is_serving(f"127.0.0.1:{port}", timeout_s=1.0):
         assert time.monotonic() < deadline, "the decode worker outlived kvrelay up"
         time.sleep(0.2)
+
+
+def test_demo_shows_the_shared_system_prompt_coming_from_the_store(tiny_model_dir: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "kvrelay", "demo", "--model", str(tiny_model_dir),
+                             "--max-tokens", "4"], capture_output=True, text=True, timeout=180,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()
+            if line.strip()[:1].isdigit() and len(line.split()) >= 4]
+    assert [int(r[0]) for r in rows] == [1, 2, 3, 4]
+    cached = [int(r[2]) for r in rows]
+    assert cached[0] == 0 and all(c > 0 for c in cached[1:])
