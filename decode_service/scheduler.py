@@ -4,7 +4,8 @@ One dedicated compute thread owns the ``LLMEngine`` and its ``ModelRunner``. The
 loop talks to it only by messages: ``submit`` (an admission: import fetched blocks,
 prefill missing full blocks, join the batch), ``abort`` (leave now, freeing KV). Between
 two engine steps the thread applies every pending message, so requests join and leave
-between steps. Results go back to each request's ``asyncio.Queue``.
+between steps. Results go back to each request's ``asyncio.Queue``. An admission that
+finds the KV pool full waits (in arrival order) until running requests free blocks.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +24,7 @@ import numpy as np
 
 from cachestore.hashing import BlockHash
 from engine.engine import LLMEngine, StepOutput
+from engine.kv import OutOfBlocks
 from engine.sequence import Sequence
 from kvrelay.serving.kvblocks import export_blocks, prefill_full_blocks, used_blocks
 from kvrelay.serving.metrics import WorkerMetrics
@@ -57,6 +60,7 @@ class BatchScheduler:
         self._publish = publish
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue[Any]] = {}
+        self._deferred: deque[Admission] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="compute", daemon=True)
@@ -83,6 +87,7 @@ class BatchScheduler:
     def _run(self) -> None:
         while not self._stopping.is_set():
             self._apply_messages(block=not self.engine.has_unfinished)
+            self._retry_deferred()
             if self.engine.has_unfinished:
                 self._step()
 
@@ -111,6 +116,13 @@ class BatchScheduler:
             exported = export_blocks(runner, a.seq, len(a.payloads), len(a.hashes)) \
                 if computed and self._publish else []
             self.engine.add(a.seq)
+        except OutOfBlocks as exc:
+            runner.free(a.seq)
+            if self.engine.has_unfinished:  # running requests will free blocks: retry then
+                self._deferred.append(a)
+            else:
+                self._send(a.events, exc)
+            return
         except Exception as exc:  # noqa: BLE001 - the request gets it, the batch goes on
             runner.free(a.seq)
             self._send(a.events, exc)
@@ -120,7 +132,19 @@ class BatchScheduler:
         if exported and self._publish:
             self._publish(a.hashes[len(a.payloads):], exported)
 
+    def _retry_deferred(self) -> None:
+        """Admit deferred requests in arrival order until one still does not fit."""
+        for _ in range(len(self._deferred)):
+            waiting = len(self._deferred)
+            self._admit(self._deferred.popleft())
+            if len(self._deferred) == waiting:  # deferred again, now at the back: restore order
+                self._deferred.rotate(1)
+                return
+
     def _abort(self, seq_id: str) -> None:
+        deferred = [a for a in self._deferred if a.seq.seq_id == seq_id]
+        for admission in deferred:
+            self._deferred.remove(admission)
         if self._queues.pop(seq_id, None) is not None:
             self.engine.abort(seq_id)
             self._metrics.kv_used.set(used_blocks(self.engine.runner))

@@ -133,10 +133,11 @@ class Reference:
         return [block_key(fingerprint, h)
                 for h in hash_block_chain(prompt_ids, block_size, fingerprint, cache_salt)]
 
-    def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int, *,
+               ignore_eos: bool = False) -> list[int]:
         engine = LLMEngine(ModelRunner(self.loaded, num_blocks=256, block_size=BLOCK_SIZE),
                            self.tokenizer)
-        params = SamplingParams(max_new_tokens=max_new_tokens)
+        params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
         return engine.generate([prompt_ids], params)[0].token_ids
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -156,5 +157,29 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
             rest = list(call)
         assert rest[-1].usage.completion_tokens == 150
         assert decode.process.wait(timeout=30) == 0
+    finally:
+        decode.stop()
+
+
+def test_requests_wait_for_kv_blocks_when_the_pool_is_full(
+        store: RedisServer, tiny_model_dir: Path, tmp_path: Path, reference: Reference) -> None:
+    decode = start_worker("decode", tiny_model_dir, store.url(), tmp_path,
+                          extra=("--num-blocks", "12"))
+    prompts = [f"Request {i} asks for a long answer about the pool being full. " * 4
+               for i in range(3)]  # 7 blocks each: two never fit at once
+    try:
+        def run(prompt: str) -> list[int]:
+            request = pb.GenerateRequest(prompt=prompt, sampling=pb.SamplingParams(
+                max_new_tokens=16, ignore_eos=True))
+            with decode.channel() as channel:
+                return list(pb_grpc.GenerationStub(channel).Generate(request, timeout=60).token_ids)
+
+        with ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(run, prompts))
+        for prompt, tokens in zip(prompts, results):
+            ids = reference.tokenizer.encode(prompt)
+            assert 6 * 16 < len(ids) and -(-(len(ids) + 16) // 16) <= 12
+            assert tokens == reference.greedy(ids, 16, ignore_eos=True)
+        assert decode.metric("kvrelay_kv_pool_used_blocks") == 0
     finally:
         decode.stop()
