@@ -20,6 +20,9 @@ class DecodeConfig(WorkerConfig):
     prefill_timeout_s: float = setting(30.0, "deadline of one Prefill call")
     max_new_tokens_limit: int = setting(4096, "largest max_new_tokens a request may ask for")
     max_prompt_chars: int = setting(1_000_000, "largest prompt text, in characters")
+    publish_local_blocks: bool = setting(
+        True, "publish the blocks this worker computed itself (false: read-only store access "
+              "is enough; only prefill workers write)")
     prefill_tls_ca_file: str = setting("", "PEM CA bundle: call the prefill worker over TLS")
     prefill_tls_cert_file: str = setting("", "client certificate for the prefill worker (mTLS)")
     prefill_tls_key_file: str = setting("", "private key of prefill_tls_cert_file")

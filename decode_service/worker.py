@@ -56,8 +56,9 @@ class DecodeWorker:
                  prefill: PrefillClient | None) -> None:
         self.runtime = runtime
         self.config = config
+        publishes = bool(config.redis_url) and config.publish_local_blocks
         self.scheduler = scheduler = BatchScheduler(
-            engine, runtime.metrics, self.publish if config.redis_url else None)
+            engine, runtime.metrics, self.publish if publishes else None)
         self.prefill_client = prefill
         self.active = 0
         runtime.metrics.running.set_function(lambda: len(scheduler.engine.running))

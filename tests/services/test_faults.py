@@ -183,3 +183,28 @@ def test_requests_wait_for_kv_blocks_when_the_pool_is_full(
         assert decode.metric("kvrelay_kv_pool_used_blocks") == 0
     finally:
         decode.stop()
+
+
+def test_decode_needs_only_read_access_to_the_store(
+        store: RedisServer, tiny_model_dir: Path, tmp_path: Path, reference: Reference) -> None:
+    admin = store.client()
+    admin.execute_command("ACL", "SETUSER", "reader", "on", ">reader-pw", "~kvrelay:*",
+                          "-@all", "+exists", "+get", "+getrange", "+strlen", "+ping", "+hello")
+    read_only = store.url(username="reader", password="reader-pw")
+    prefill = start_worker("prefill", tiny_model_dir, store.url(), tmp_path)
+    decode = start_worker("decode", tiny_model_dir, read_only, tmp_path, prefill_addr=prefill.addr,
+                          extra=("--publish-local-blocks", "false"))
+    try:
+        prompt = "Only the prefill worker writes to the store. " * 4
+        ids = reference.tokenizer.encode(prompt)
+        replies = [_generate(decode, prompt, "read-only") for _ in range(2)]
+        assert [list(r.token_ids) for r in replies] == [reference.greedy(ids, 8)] * 2
+        assert replies[1].usage.cached_prompt_tokens == len(ids) // 16 * 16
+        short = "A short prompt that decode prefills by itself."  # under the prefill threshold
+        assert 16 <= len(reference.tokenizer.encode(short)) < 32
+        _generate(decode, short, "read-only")
+        assert decode.metric("kvrelay_store_errors_total") == 0
+    finally:
+        decode.stop()
+        prefill.stop()
+        admin.execute_command("ACL", "DELUSER", "reader")
