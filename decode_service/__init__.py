@@ -1,7 +1,8 @@
 """The decode worker: the public ``kvrelay.v1.Generation`` front door and the continuous batch.
 
 Modules, outside in: ``server`` (process wiring), ``servicer`` (protobuf <-> domain only),
-``convert`` (request checks that need no model; replies), ``worker`` (the request path:
+``convert`` (request checks that need no model; replies), ``prompts`` (token ids and the
+checks that need the model), ``worker`` (the request path:
 tokenize, check, look up, remote prefill, fetch, admit, stream), ``scheduler`` (the
 ``LLMEngine`` on its own compute thread), ``prefill_client`` (the internal Prefill call).
 

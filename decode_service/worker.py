@@ -17,19 +17,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
-import jinja2
 import numpy as np
 
 from cachestore.hashing import BlockHash
 from decode_service.config import DecodeConfig
 from decode_service.prefill_client import PrefillClient
+from decode_service.prompts import check_prompt, prompt_ids
 from decode_service.requests import Completion, GenerationRequest, Timings, TokenDelta, Usage
 from decode_service.scheduler import Admission, Admitted, BatchScheduler
 from engine.engine import LLMEngine, StepOutput
 from engine.kv import OutOfBlocks
 from engine.sampling import InvalidRequest, InvalidSamplingParams
 from engine.sequence import Sequence
-from engine.tokenizer import Tokenizer
 from kvrelay.serving.errors import ServiceError, invalid_argument
 from kvrelay.serving.kvblocks import collect_payloads
 from kvrelay.serving.runtime import Runtime
@@ -119,38 +118,10 @@ class DecodeWorker:
 
     def _prepare(self, req: GenerationRequest) -> tuple[list[int], list[BlockHash]]:
         """The checked prompt ids and the chained hashes of its full blocks."""
-        ids = self._prompt_ids(req)
-        return ids, self.runtime.cache.block_hashes(ids, req.cache_salt)
-
-    def _prompt_ids(self, req: GenerationRequest) -> list[int]:
-        tokenizer = self.runtime.loaded.tokenizer
-        if req.token_ids is not None:
-            ids = list(req.token_ids)
-        elif req.messages is not None:
-            ids = tokenizer.encode(render_chat(tokenizer, req), add_special_tokens=False)
-        else:
-            ids = tokenizer.encode(req.text or "")
-        self._check(req, ids)
-        return ids
-
-    def _check(self, req: GenerationRequest, ids: list[int]) -> None:
-        cfg = self.runtime.loaded.config
-        field = req.input_field
-        if not ids:
-            raise invalid_argument(field, "encodes to no tokens")
-        if min(ids) < 0 or max(ids) >= cfg.vocab_size:
-            raise invalid_argument(field, f"token ids must be in [0, {cfg.vocab_size})")
-        if len(ids) >= cfg.max_position_embeddings:
-            raise invalid_argument(field, f"{len(ids)} tokens do not fit the context window of "
-                                          f"{cfg.max_position_embeddings}")
-        try:
-            req.params.validate(cfg.vocab_size)
-        except InvalidSamplingParams as exc:
-            raise invalid_argument(f"sampling.{exc.field}", exc.message) from exc
-        total = min(len(ids) + req.params.max_new_tokens, cfg.max_position_embeddings)
-        if -(-total // self.runtime.spec.block_size) > self.config.num_blocks:
-            raise invalid_argument("sampling.max_new_tokens",
-                                   "prompt plus max_new_tokens exceeds this worker's KV pool")
+        rt = self.runtime
+        ids = prompt_ids(rt.loaded.tokenizer, req)
+        check_prompt(req, ids, rt.loaded.config, rt.spec.block_size, self.config.num_blocks)
+        return ids, rt.cache.block_hashes(ids, req.cache_salt)
 
     # -- store and prefill worker -------------------------------------------------------
 
@@ -242,17 +213,6 @@ class DecodeWorker:
             "cached_prompt_tokens": usage.cached_prompt_tokens, "completion_tokens": count,
             "ttft_ms": round(timings.time_to_first_token_ms, 2)})
         return Completion(req.request_id, reason, usage, timings)
-
-
-def render_chat(tokenizer: Tokenizer, req: GenerationRequest) -> str:
-    """The messages through the model's chat template; INVALID_ARGUMENT when it refuses them."""
-    if not tokenizer.has_chat_template:
-        raise invalid_argument("messages", "this model has no chat template; send a prompt")
-    try:
-        return tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in (req.messages or ())])
-    except jinja2.TemplateError as exc:
-        raise invalid_argument("messages", f"the chat template refused them: {str(exc)[:200]}") from exc
 
 
 def _as_service_error(exc: Exception, input_field: str) -> Exception:

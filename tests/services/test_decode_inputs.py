@@ -8,8 +8,8 @@ import grpc
 import pytest
 
 from decode_service.convert import to_request
+from decode_service.prompts import render_chat
 from decode_service.requests import ChatTurn, GenerationRequest
-from decode_service.worker import render_chat
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
 from kvrelay.serving.errors import ServiceError
