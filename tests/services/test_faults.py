@@ -15,7 +15,7 @@ from kvrelay.healthcheck import is_serving
 from protos.kvrelay.v1 import generation_pb2 as pb
 from protos.kvrelay.v1 import generation_pb2_grpc as pb_grpc
 from tests.services.conftest import Reference, Worker, start_worker
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, start_redis
 
 PROMPT = "The prefill worker may be gone, but the request must still be answered. " * 3
 
@@ -208,3 +208,22 @@ def test_decode_needs_only_read_access_to_the_store(
         decode.stop()
         prefill.stop()
         admin.execute_command("ACL", "DELUSER", "reader")
+
+
+def test_a_hung_store_costs_misses_not_requests(
+        tiny_model_dir: Path, tmp_path: Path, reference: Reference) -> None:
+    hung = start_redis()
+    decode = start_worker("decode", tiny_model_dir, hung.url(), tmp_path)
+    try:
+        hung.client().execute_command("CLIENT", "PAUSE", "8000", "ALL")
+        started = time.monotonic()
+        assert is_serving(decode.addr, timeout_s=1.0)
+        reply = _generate(decode, "The store is hung. " + PROMPT, "hung-store")
+        assert time.monotonic() - started < 6.0
+        ids = reference.tokenizer.encode("The store is hung. " + PROMPT)
+        assert list(reply.token_ids) == reference.greedy(ids, 8)
+        assert reply.usage.cached_prompt_tokens == 0
+        assert decode.metric('kvrelay_store_errors_total{kind="timeout"}') >= 1
+    finally:
+        decode.stop()
+        hung.stop()
