@@ -32,6 +32,14 @@ def _summary(usage: pb.Usage, timings: pb.Timings, reason: int) -> str:
             f"ttft {timings.time_to_first_token_ms:.1f} ms]")
 
 
+def _as_json(reply: pb.GenerateResponse) -> dict[str, object]:
+    """The proto3 JSON form, with token ids as numbers (proto3 JSON writes int64 as strings)."""
+    data = json_format.MessageToDict(reply, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
+    data["token_ids"] = list(reply.token_ids)
+    return data
+
+
 def _stream(channel: grpc.Channel, request: pb.GenerateRequest, timeout: float) -> None:
     last = pb.GenerateStreamResponse()
     for last in generate_stream(channel, request, timeout):
@@ -49,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             if args.json:
                 reply = generate(channel, request, args.timeout)
-                print(json.dumps(json_format.MessageToDict(reply, preserving_proto_field_name=True)))
+                print(json.dumps(_as_json(reply)))
             else:
                 _stream(channel, request, args.timeout)
         except grpc.RpcError as err:

@@ -47,6 +47,9 @@ def test_up_then_generate(tiny_model_dir: Path) -> None:
         assert as_json.returncode == 0, as_json.stderr
         reply = json.loads(as_json.stdout)
         assert len(reply["token_ids"]) == reply["usage"]["completion_tokens"] <= 5
+        assert all(isinstance(t, int) for t in reply["token_ids"])
+        assert set(reply["timings"]) == {"queue_ms", "prefill_ms", "kv_fetch_ms",
+                                         "time_to_first_token_ms", "decode_ms"}
         assert reply["finish_reason"] in ("FINISH_REASON_STOP", "FINISH_REASON_LENGTH")
 
         streamed = _kvrelay("generate", "--addr", addr, "--max-tokens", "5", "--chat", "Hello")
