@@ -151,13 +151,13 @@ BAD_REQUESTS = {
 def test_bad_input_is_invalid_argument_naming_the_field(cluster: Cluster, field: str) -> None:
     decode = cluster.decodes[1]
     queried = decode.metric("kvrelay_prefix_cache_queried_tokens_total")
-    store_calls = decode.metric("kvrelay_store_call_seconds_count")
+    lookups = decode.metric('kvrelay_store_call_seconds_count{op="lookup"}')
     with pytest.raises(grpc.RpcError) as err:
         _generate(decode, BAD_REQUESTS[field])
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith(f"{field}:")
     assert decode.metric("kvrelay_prefix_cache_queried_tokens_total") == queried
-    assert decode.metric("kvrelay_store_call_seconds_count") == store_calls
+    assert decode.metric('kvrelay_store_call_seconds_count{op="lookup"}') == lookups
 
 
 def test_a_prompt_longer_than_the_context_is_invalid_argument(cluster: Cluster) -> None:
