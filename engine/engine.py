@@ -100,6 +100,8 @@ class LLMEngine:
         seqs = [Sequence(f"gen-{next(self._ids)}", self._encode(p), params) for p in prompts]
         texts = {s.seq_id: "" for s in seqs}
         for seq in seqs:
+            self._validate(seq)  # all or none: a bad prompt leaves nothing queued
+        for seq in seqs:
             self.add(seq)
         while any(s.status is not SequenceStatus.FINISHED for s in seqs):
             for out in self.step():

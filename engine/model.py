@@ -18,7 +18,7 @@ from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig
 from engine.rope import apply_rope, inverse_frequencies
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (B, T, 1, hd) each
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, signed sin (engine.rope): (B, T, 1, hd) each
 
 
 class RMSNorm(nn.Module):

@@ -129,7 +129,7 @@ class ModelRunner:
         starts_t = torch.tensor(starts, device=self.device)
         positions = starts_t[:, None] + torch.arange(width, device=self.device)  # (B, T)
         self.rope.ensure(max(starts) + width)
-        meta = self._metadata(seqs, starts, lens, width, starts_t)
+        meta = self._metadata(seqs, starts, lens, positions)
         hidden = self.model(ids, self.rope.lookup(positions, self.dtype),
                             None if self.kv is None else self.kv.tensor, meta)  # (B, T, D)
         last = torch.tensor(lens, device=self.device) - 1
@@ -139,7 +139,8 @@ class ModelRunner:
         return logits  # (B, V)
 
     def _metadata(self, seqs: Seq[RunnerSequence], starts: list[int], lens: list[int],
-                  width: int, starts_t: torch.Tensor) -> AttentionMetadata:
+                  positions: torch.Tensor) -> AttentionMetadata:
+        width = positions.shape[1]
         slot_blocks = slot_offsets = token_index = context = mask = None
         if self.use_cache:
             slot_blocks, slot_offsets = self._slots(seqs, starts, lens)
@@ -147,7 +148,7 @@ class ModelRunner:
                 token_index = torch.tensor([b * width + i for b, n in enumerate(lens)
                                             for i in range(n)], device=self.device)
             if any(starts):
-                context, mask = self._context(seqs, starts, lens, width, starts_t)
+                context, mask = self._context(seqs, starts, lens, positions)
         return AttentionMetadata(slot_blocks, slot_offsets, token_index, context, mask, self.scale)
 
     def _slots(self, seqs: Seq[RunnerSequence], starts: list[int],
@@ -163,13 +164,12 @@ class ModelRunner:
                 torch.tensor(offsets, device=self.device))
 
     def _context(self, seqs: Seq[RunnerSequence], starts: list[int], lens: list[int],
-                 width: int, starts_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded block tables (B*nb,) and the causal mask over them (B, 1, T, nb*bs)."""
         nb = max(-(-(st + n) // self.block_size) for st, n in zip(starts, lens))
         tables = [s.block_table[:nb] + [0] * (nb - min(nb, len(s.block_table))) for s in seqs]
         context = torch.tensor(tables, device=self.device).flatten()  # (B*nb,)
         key_pos = torch.arange(nb * self.block_size, device=self.device)  # (Tk,)
-        query_pos = starts_t[:, None] + torch.arange(width, device=self.device)  # (B, T)
-        allowed = key_pos[None, None, :] <= query_pos[:, :, None]  # (B, T, Tk)
+        allowed = key_pos[None, None, :] <= positions[:, :, None]  # (B, T, Tk)
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         return context, mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
