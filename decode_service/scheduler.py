@@ -86,10 +86,17 @@ class BatchScheduler:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            self._apply_messages(block=not self.engine.has_unfinished)
-            self._retry_deferred()
-            if self.engine.has_unfinished:
-                self._step()
+            try:
+                self._iterate()
+            except Exception as exc:  # the thread must outlive any one failure
+                log.exception("batch thread error; failing the requests in flight")
+                self._fail_all(exc)
+
+    def _iterate(self) -> None:
+        self._apply_messages(block=not self.engine.has_unfinished)
+        self._retry_deferred()
+        if self.engine.has_unfinished:
+            self._step()
 
     def _apply_messages(self, block: bool) -> None:
         try:
@@ -150,12 +157,7 @@ class BatchScheduler:
             self._metrics.kv_used.set(used_blocks(self.engine.runner))
 
     def _step(self) -> None:
-        try:
-            outputs: list[StepOutput] = self.engine.step()
-        except Exception as exc:
-            log.exception("engine step failed; failing the batch")
-            self._fail_all(exc)
-            return
+        outputs: list[StepOutput] = self.engine.step()
         self._metrics.kv_used.set(used_blocks(self.engine.runner))
         for out in outputs:
             events = self._queues.get(out.seq_id)
@@ -169,3 +171,5 @@ class BatchScheduler:
             self.engine.abort(seq_id)
             self._send(events, exc)
         self._queues.clear()
+        while self._deferred:
+            self._send(self._deferred.popleft().events, exc)
