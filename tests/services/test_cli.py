@@ -94,3 +94,10 @@ def test_demo_shows_the_shared_system_prompt_coming_from_the_store(tiny_model_di
     assert [int(r[0]) for r in rows] == [1, 2, 3, 4]
     cached = [int(r[2]) for r in rows]
     assert cached[0] == 0 and all(c > 0 for c in cached[1:])
+
+
+def test_healthcheck_fails_when_nothing_serves() -> None:
+    result = subprocess.run([sys.executable, "-m", "kvrelay.healthcheck", "--addr",
+                             f"127.0.0.1:{free_port()}", "--timeout", "1"],
+                            capture_output=True, timeout=60, check=False)
+    assert result.returncode == 1
