@@ -26,6 +26,10 @@ class DecodeConfig(WorkerConfig):
     prefill_tls_ca_file: str = setting("", "PEM CA bundle: call the prefill worker over TLS")
     prefill_tls_cert_file: str = setting("", "client certificate for the prefill worker (mTLS)")
     prefill_tls_key_file: str = setting("", "private key of prefill_tls_cert_file")
+    prefill_api_key_file: str = setting("", "file holding the key this worker presents to the "
+                                            "prefill worker (its api_keys_file lists it)")
+    max_streams_per_tenant: int = setting(0, "with API keys: most requests of one tenant in "
+                                             "flight (RESOURCE_EXHAUSTED beyond; 0: no limit)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

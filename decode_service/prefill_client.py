@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import grpc
 
+from kvrelay.serving.auth import bearer
 from kvrelay.serving.server import message_size_options
 from protos.kvrelay.v1 import prefill_pb2 as pb
 from protos.kvrelay.v1 import prefill_pb2_grpc as pb_grpc
@@ -24,8 +25,9 @@ class PrefillClient:
     """One channel (TLS when given credentials) to one prefill worker, made on the running loop."""
 
     def __init__(self, addr: str, max_message_bytes: int,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, api_key: str = "") -> None:
         self.addr = addr
+        self._metadata = bearer(api_key) if api_key else None
         self._quiet_until: dict[str, float] = {}
         options = message_size_options(max_message_bytes)
         self._channel = grpc.aio.secure_channel(addr, credentials, options=options) \
@@ -39,7 +41,7 @@ class PrefillClient:
                                     block_hashes=[bytes(h) for h in block_hashes],
                                     model_fingerprint=fingerprint, request_id=request_id)
         try:
-            reply = await self._stub.Prefill(request, timeout=timeout_s)
+            reply = await self._stub.Prefill(request, timeout=timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as err:
             reason = err.code().name.lower()
             self._log_failure(reason, err.details() or "")

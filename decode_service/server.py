@@ -14,6 +14,7 @@ from decode_service.servicer import GenerationServicer
 from decode_service.worker import DecodeWorker
 from engine.engine import LLMEngine
 from engine.sampling import SamplingParams
+from kvrelay.serving.auth import auth_interceptor, read_token
 from kvrelay.serving.lifecycle import Lifecycle
 from kvrelay.serving.metrics import WorkerMetrics
 from kvrelay.serving.runtime import Runtime, build_runtime
@@ -34,7 +35,8 @@ def build_worker(config: DecodeConfig, runtime: Runtime) -> DecodeWorker:
         credentials = channel_credentials(config.prefill_tls_ca_file, config.prefill_tls_cert_file,
                                           config.prefill_tls_key_file) \
             if config.prefill_tls_ca_file else None
-        prefill = PrefillClient(config.prefill_addr, config.max_message_bytes, credentials)
+        api_key = read_token(config.prefill_api_key_file) if config.prefill_api_key_file else ""
+        prefill = PrefillClient(config.prefill_addr, config.max_message_bytes, credentials, api_key)
     worker = DecodeWorker(runtime, config, engine, prefill)
     worker.scheduler.start(asyncio.get_running_loop())
     return worker
@@ -57,7 +59,8 @@ async def run(config: DecodeConfig) -> None:
     def register(server: grpc.aio.Server) -> None:
         generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
 
-    server = build_server(lifecycle, [SERVICE_NAME], config.max_message_bytes, register)
+    auth = auth_interceptor(config.api_keys_file, config.max_streams_per_tenant)
+    server = build_server(lifecycle, [SERVICE_NAME], config.max_message_bytes, register, auth)
 
     async def warm_up() -> None:
         runtime = await asyncio.to_thread(build_runtime, config, metrics)

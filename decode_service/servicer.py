@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 
 from decode_service.convert import to_request, to_response, to_stream_message
 from decode_service.requests import GenerationRequest
 from decode_service.worker import DecodeWorker
+from kvrelay.serving.auth import current_tenant, tenant_salt
 from protos.kvrelay.v1 import generation_pb2 as pb
 from protos.kvrelay.v1 import generation_pb2_grpc as pb_grpc
 
@@ -25,8 +27,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     def _request(self, request: pb.GenerateRequest) -> GenerationRequest:
         cfg = self._worker().config
-        return to_request(request, max_new_tokens_limit=cfg.max_new_tokens_limit,
-                          max_prompt_chars=cfg.max_prompt_chars)
+        req = to_request(request, max_new_tokens_limit=cfg.max_new_tokens_limit,
+                         max_prompt_chars=cfg.max_prompt_chars)
+        tenant = current_tenant()
+        if tenant is None:
+            return req
+        return replace(req, cache_salt=tenant_salt(tenant, req.cache_salt))
 
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> pb.GenerateResponse:

@@ -14,3 +14,6 @@ class PrefillConfig(WorkerConfig):
 
     port: int = setting(50052, "gRPC port")
     metrics_port: int = setting(9400, "Prometheus /metrics HTTP port (0: no metrics server)")
+    fault_exit_after_blocks: int = setting(
+        0, "fault injection for tests: publish only this many blocks of the first call that "
+           "computes more, then exit at once (0: off)")

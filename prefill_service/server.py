@@ -7,6 +7,7 @@ import logging
 
 import grpc
 
+from kvrelay.serving.auth import auth_interceptor
 from kvrelay.serving.lifecycle import Lifecycle
 from kvrelay.serving.metrics import WorkerMetrics
 from kvrelay.serving.runtime import build_runtime
@@ -30,11 +31,13 @@ async def run(config: PrefillConfig) -> None:
     def register(server: grpc.aio.Server) -> None:
         prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, server)
 
-    server = build_server(lifecycle, [SERVICE_NAME], config.max_message_bytes, register)
+    server = build_server(lifecycle, [SERVICE_NAME], config.max_message_bytes, register,
+                          auth_interceptor(config.api_keys_file))
 
     async def warm_up() -> None:
         runtime = await asyncio.to_thread(build_runtime, config, metrics)
-        servicer.worker = PrefillWorker(runtime, config.max_requests)
+        servicer.worker = PrefillWorker(runtime, config.max_requests,
+                                        config.fault_exit_after_blocks)
         await servicer.worker.warm()
 
     async def on_stop() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -54,8 +55,9 @@ class PrefillResult:
 class PrefillWorker:
     """Serves Prefill calls on a warm ``Runtime``; at most ``max_requests`` at once."""
 
-    def __init__(self, runtime: Runtime, max_requests: int) -> None:
+    def __init__(self, runtime: Runtime, max_requests: int, fault_exit_after_blocks: int = 0) -> None:
         self.runtime = runtime
+        self._exit_after_blocks = fault_exit_after_blocks
         self._slots = max_requests
         self._active = 0
 
@@ -96,6 +98,8 @@ class PrefillWorker:
         computed, exported = await asyncio.get_running_loop().run_in_executor(
             rt.compute, self._compute, job, payloads, len(hashes))
         compute_ms = (time.monotonic() - started) * 1000
+        if 0 < self._exit_after_blocks < len(exported):
+            await self._die_midway(hashes[cached:], exported)
         published = await rt.on_store("publish", rt.cache.publish, hashes[cached:], exported)
         stored = await rt.on_store("lookup", rt.cache.lookup, hashes)
         rt.metrics.computed_tokens.inc(computed)
@@ -104,6 +108,14 @@ class PrefillWorker:
                                      "computed_tokens": computed, "published_blocks": published,
                                      "stored_tokens": stored * bs, "compute_ms": round(compute_ms, 2)})
         return PrefillResult(stored * bs, computed, published, compute_ms)
+
+    async def _die_midway(self, hashes: list[BlockHash], exported: list) -> None:
+        """The ``fault_exit_after_blocks`` hook: publish some blocks, then exit at once."""
+        rt = self.runtime
+        n = self._exit_after_blocks
+        await rt.on_store("publish", rt.cache.publish, hashes[:n], exported[:n])
+        log.error("fault hook: exiting after publishing %d of %d blocks", n, len(exported))
+        os._exit(70)
 
     async def warm(self) -> None:
         """One block's prefill on the compute thread, so the first call pays no warm-up."""

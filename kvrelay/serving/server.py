@@ -28,10 +28,13 @@ def message_size_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 def build_server(lifecycle: Lifecycle, service_names: list[str], max_message_bytes: int,
-                 register: Callable[[grpc.aio.Server], None]) -> grpc.aio.Server:
-    """A server whose services are added by ``register``, plus health and reflection."""
+                 register: Callable[[grpc.aio.Server], None],
+                 auth: grpc.aio.ServerInterceptor | None = None) -> grpc.aio.Server:
+    """A server whose services are added by ``register``, plus health and reflection;
+    ``auth`` (API keys) runs first when given."""
+    gates = [auth] if auth else []
     server = grpc.aio.server(
-        interceptors=[LifecycleInterceptor(lifecycle), ErrorInterceptor()],
+        interceptors=[*gates, LifecycleInterceptor(lifecycle), ErrorInterceptor()],
         options=message_size_options(max_message_bytes))
     register(server)
     health_pb2_grpc.add_HealthServicer_to_server(lifecycle.health, server)

@@ -38,6 +38,8 @@ class WorkerConfig:
     tls_cert_file: str = setting("", "PEM certificate chain: serve gRPC over TLS (with tls_key_file)")
     tls_key_file: str = setting("", "PEM private key of tls_cert_file")
     tls_client_ca_file: str = setting("", "PEM CA bundle: require client certificates (mTLS)")
+    api_keys_file: str = setting("", "file of '<tenant> <key>' lines: callers must send "
+                                     "'authorization: Bearer <key>' (empty: no API keys)")
     allow_plaintext: bool = setting(False, "serve plaintext gRPC on a non-loopback host (only "
                                            "behind a trusted network, e.g. inside a cluster)")
 

@@ -1,0 +1,111 @@
+"""Fixtures of the reliability tests (docs/reliability.md maps each RELIABILITY.md row to one).
+
+Workers are real ``kvrelay prefill|decode`` processes on free 127.0.0.1 ports, each test
+module starting the redis-server and workers its faults need (a fault that poisons a
+process gets its own). ``Reference`` is the monolithic engine's greedy output.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kvrelay.cluster import die_with_parent, free_port, wait_until_serving, worker_command
+from protos.kvrelay.v1 import generation_pb2 as pb
+from protos.kvrelay.v1 import generation_pb2_grpc as pb_grpc
+from tests.services.conftest import BLOCK_SIZE, READY_TIMEOUT_S, Reference, Worker
+from tests.support.redis_server import RedisServer, start_redis
+
+__all__ = ["BLOCK_SIZE", "Reference", "Worker"]
+
+
+@dataclass
+class Spawned(Worker):
+    """A worker that can be started again with the same command, port and environment."""
+
+    cmd: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    tls_ca_file: str = ""
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(die_with_parent(self.cmd), stdout=log,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env=os.environ | self.env)
+        try:
+            wait_until_serving(self.role, self.process, self.addr, READY_TIMEOUT_S,
+                               lambda _: None, self.log_path, self.tls_ca_file)
+        except BaseException:
+            self.stop()
+            raise
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def spawn(role: str, model: Path, redis_url: str, log_dir: Path, *, prefill_addr: str | None = None,
+          extra: tuple[str, ...] = (), env: dict[str, str] | None = None,
+          tls_ca_file: str = "") -> Spawned:
+    """Start ``kvrelay <role>`` (tiny model, 16-token blocks) and wait until it is SERVING."""
+    port, metrics_port = free_port(), free_port()
+    cmd = worker_command(role, model=str(model), port=port, metrics_port=metrics_port,
+                         redis_url=redis_url, block_size=BLOCK_SIZE, prefill_addr=prefill_addr)
+    cmd += ["--num-blocks", "256", "--store-timeout-s", "0.3", "--drain-grace-s", "5", *extra]
+    worker = Spawned(role, None, f"127.0.0.1:{port}",  # type: ignore[arg-type]
+                     f"http://127.0.0.1:{metrics_port}/metrics",
+                     log_dir / f"{role}-{port}.log", cmd, env or {}, tls_ca_file)
+    worker.start()
+    return worker
+
+
+def request(prompt: str, salt: str = "", max_new_tokens: int = 8) -> pb.GenerateRequest:
+    return pb.GenerateRequest(prompt=prompt, cache_salt=salt,
+                              sampling=pb.SamplingParams(max_new_tokens=max_new_tokens))
+
+
+def generate(worker: Worker, req: pb.GenerateRequest, *, timeout_s: float = 30.0,
+             metadata: tuple[tuple[str, str], ...] | None = None) -> pb.GenerateResponse:
+    with worker.channel() as channel:
+        return pb_grpc.GenerationStub(channel).Generate(req, timeout=timeout_s, metadata=metadata)
+
+
+def status_of(call: Callable[[], object]) -> grpc.StatusCode:
+    try:
+        call()
+    except grpc.RpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model_dir: Path) -> Reference:
+    return Reference(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    """This module's own redis-server (an LRU cache, as deployed)."""
+    server = start_redis(["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"])
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
