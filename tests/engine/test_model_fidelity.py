@@ -108,3 +108,11 @@ def test_rope_types_not_implemented_are_refused_at_build(llama_pair: ModelPair,
     config = dataclasses.replace(llama_pair.config, rope_scaling=scaling)
     with pytest.raises(ModelConfigError, match="rope_scaling"):
         build_model(config)
+
+
+def test_fused_model_still_exposes_the_hf_state_dict(pair: ModelPair) -> None:
+    pair.runner()  # fuses the model in place
+    ours, theirs = pair.model.state_dict(), pair.hf.state_dict()
+    assert set(ours) == set(theirs)
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
