@@ -16,8 +16,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvrelay.cluster import die_with_parent, free_port, wait_until_serving, worker_command
+from kvrelay.serving.tls import channel_credentials
 from protos.kvrelay.v1 import generation_pb2 as pb
 from protos.kvrelay.v1 import generation_pb2_grpc as pb_grpc
 from tests.services.conftest import BLOCK_SIZE, READY_TIMEOUT_S, Reference, Worker
@@ -33,6 +35,7 @@ class Spawned(Worker):
     cmd: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     tls_ca_file: str = ""
+    client_cert: tuple[str, str] | None = None  # (cert, key) the health probe presents (mTLS)
 
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
@@ -40,11 +43,26 @@ class Spawned(Worker):
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             env=os.environ | self.env)
         try:
-            wait_until_serving(self.role, self.process, self.addr, READY_TIMEOUT_S,
-                               lambda _: None, self.log_path, self.tls_ca_file)
+            if self.client_cert:
+                wait_for(self._serving_over_mtls, READY_TIMEOUT_S)
+            else:
+                wait_until_serving(self.role, self.process, self.addr, READY_TIMEOUT_S,
+                                   lambda _: None, self.log_path, self.tls_ca_file)
         except BaseException:
             self.stop()
             raise
+
+    def _serving_over_mtls(self) -> bool:
+        assert self.process.poll() is None, self.log()[-2000:]
+        assert self.client_cert is not None
+        creds = channel_credentials(self.tls_ca_file, *self.client_cert)
+        with grpc.secure_channel(self.addr, creds) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=1.0)
+            except grpc.RpcError:
+                return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -52,7 +70,7 @@ class Spawned(Worker):
 
 def spawn(role: str, model: Path, redis_url: str, log_dir: Path, *, prefill_addr: str | None = None,
           extra: tuple[str, ...] = (), env: dict[str, str] | None = None,
-          tls_ca_file: str = "") -> Spawned:
+          tls_ca_file: str = "", client_cert: tuple[str, str] | None = None) -> Spawned:
     """Start ``kvrelay <role>`` (tiny model, 16-token blocks) and wait until it is SERVING."""
     port, metrics_port = free_port(), free_port()
     cmd = worker_command(role, model=str(model), port=port, metrics_port=metrics_port,
@@ -60,7 +78,7 @@ def spawn(role: str, model: Path, redis_url: str, log_dir: Path, *, prefill_addr
     cmd += ["--num-blocks", "256", "--store-timeout-s", "0.3", "--drain-grace-s", "5", *extra]
     worker = Spawned(role, None, f"127.0.0.1:{port}",  # type: ignore[arg-type]
                      f"http://127.0.0.1:{metrics_port}/metrics",
-                     log_dir / f"{role}-{port}.log", cmd, env or {}, tls_ca_file)
+                     log_dir / f"{role}-{port}.log", cmd, env or {}, tls_ca_file, client_cert)
     worker.start()
     return worker
 
