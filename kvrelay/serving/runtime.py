@@ -48,7 +48,10 @@ def open_store(config: WorkerConfig) -> BlockStore:
         return NullBlockStore()
     return RedisBlockStore.from_url(config.redis_url, cluster=config.redis_cluster,
                                     timeout_s=config.store_timeout_s,
-                                    ttl_s=config.block_ttl_s or None)
+                                    ttl_s=config.block_ttl_s or None,
+                                    tls_ca_file=config.redis_tls_ca_file or None,
+                                    tls_cert_file=config.redis_tls_cert_file or None,
+                                    tls_key_file=config.redis_tls_key_file or None)
 
 
 @dataclass

@@ -23,6 +23,10 @@ class WorkerConfig:
     redis_url: str = setting("", "prefix store URL (redis:// or rediss://); empty: no store, "
                                  "every lookup is a miss")
     redis_cluster: bool = setting(False, "the URL names a node of a Redis Cluster")
+    redis_tls_ca_file: str = setting("", "PEM CA bundle that verifies a rediss:// server "
+                                         "(empty: the system's CAs)")
+    redis_tls_cert_file: str = setting("", "client certificate for a Redis that requires one")
+    redis_tls_key_file: str = setting("", "private key of redis_tls_cert_file")
     store_timeout_s: float = setting(0.5, "upper bound on one store call")
     block_ttl_s: int = setting(86400, "expiry of published blocks, seconds (0: none)")
     store_threads: int = setting(4, "threads doing store I/O")

@@ -71,13 +71,14 @@ def _wait_healthy(service: str, proc: subprocess.Popen[bytes], ports: dict[str, 
 @pytest.fixture
 def compose_cluster(tiny_model_dir: Path, tmp_path: Path) -> Iterator[dict[str, int]]:
     ports = {p: free_port() for p in ("6379", "50051", "50052", "9400", "9401")}
-    redis_args = SERVICES["redis"]["command"]
-    assert redis_args[1] == "/usr/local/etc/redis/redis.conf"
+    redis_args = [a.replace("/usr/local/etc/redis/", f"{REPO_ROOT}/deploy/redis/")
+                  for a in SERVICES["redis"]["command"]]
+    assert redis_args[1] == f"{REPO_ROOT}/deploy/redis/redis.conf"
     procs: list[subprocess.Popen[bytes]] = []
     try:
         procs.append(subprocess.Popen(
-            ["redis-server", str(REPO_ROOT / "deploy" / "redis" / "redis.conf"), "--port",
-             str(ports["6379"]), "--bind", "127.0.0.1", "--dir", str(tmp_path)],
+            [*redis_args, "--port", str(ports["6379"]), "--bind", "127.0.0.1",
+             "--dir", str(tmp_path)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_for_redis(ports["6379"], 10)
         for service in ("prefill", "decode"):
@@ -97,5 +98,7 @@ def test_the_compose_services_serve_a_generate_call(compose_cluster: dict[str, i
     with open_channel(f"127.0.0.1:{compose_cluster['50051']}") as channel:
         prompt = Prompt(text="A request through the compose topology. " * 4, max_new_tokens=4)
         reply = generate(channel, build_request(prompt), timeout_s=60)
+        again = generate(channel, build_request(prompt), timeout_s=60)
     assert reply.usage.completion_tokens == len(reply.token_ids) > 0
     assert reply.usage.prompt_tokens > 0
+    assert again.usage.cached_prompt_tokens > 0  # prefill wrote and decode read as ACL users
