@@ -105,3 +105,11 @@ def test_workers_reach_a_tls_redis_as_their_acl_users(
         for worker in reversed(workers):
             worker.stop()
         server.stop()
+
+
+def test_kubernetes_gives_redis_and_the_workers_the_same_acl_users() -> None:
+    objects = [o for o in yaml.safe_load_all((REPO / "deploy" / "k8s" / "redis.yaml").read_text())]
+    secret = next(o for o in objects if o["kind"] == "Secret")["stringData"]
+    assert secret["users.acl"] == ACL_FILE.read_text()
+    for role in ("prefill", "decode"):
+        assert urlsplit(secret[f"{role}-url"]).username == _credentials(role)[0]
