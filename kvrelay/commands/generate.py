@@ -10,6 +10,7 @@ import grpc
 from google.protobuf import json_format
 
 from kvrelay.client import Prompt, build_request, generate, generate_stream, open_channel
+from kvrelay.serving.auth import read_token, with_api_key
 from protos.kvrelay.v1 import generation_pb2 as pb
 
 
@@ -24,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the final response as JSON")
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
     parser.add_argument("--tls-ca", default="", help="PEM CA bundle: connect over TLS")
+    parser.add_argument("--api-key-file", default="", help="file holding this caller's API key")
 
 
 def _summary(usage: pb.Usage, timings: pb.Timings, reason: int) -> str:
@@ -53,7 +55,8 @@ def main(args: argparse.Namespace) -> int:
     request = build_request(Prompt(text=args.prompt, chat=args.chat, max_new_tokens=args.max_tokens,
                                    temperature=args.temperature, seed=args.seed,
                                    cache_salt=args.salt))
-    with open_channel(args.addr, args.tls_ca) as channel:
+    with open_channel(args.addr, args.tls_ca) as plain:
+        channel = with_api_key(plain, read_token(args.api_key_file)) if args.api_key_file else plain
         try:
             if args.json:
                 reply = generate(channel, request, args.timeout)

@@ -170,3 +170,25 @@ def auth_interceptor(api_keys_file: str, max_streams_per_tenant: int = 0) -> Aut
     if not api_keys_file:
         return None
     return AuthInterceptor(read_key_file(api_keys_file), max_streams_per_tenant)
+
+
+class _ClientKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds ``authorization: Bearer <key>`` to every call of a client channel."""
+
+    def __init__(self, key: str) -> None:
+        self._metadata = bearer(key)
+
+    def _with_key(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return details._replace(  # type: ignore[attr-defined]
+            metadata=[*(details.metadata or ()), *self._metadata])
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_key(details), request)
+
+
+def with_api_key(channel: grpc.Channel, key: str) -> grpc.Channel:
+    """``channel`` presenting ``key`` on every call (a sync client channel)."""
+    return grpc.intercept_channel(channel, _ClientKey(key))

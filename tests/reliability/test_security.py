@@ -9,8 +9,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from kvrelay.client import open_channel
 from kvrelay.healthcheck import is_serving
-from kvrelay.serving.auth import KeyRing, bearer, parse_key_file, tenant_salt
+from kvrelay.serving.auth import KeyRing, bearer, parse_key_file, tenant_salt, with_api_key
 from protos.kvrelay.v1 import generation_pb2 as pb
 from protos.kvrelay.v1 import generation_pb2_grpc as pb_grpc
 from tests.reliability.conftest import Reference, Spawned, generate, request, spawn, status_of
@@ -79,6 +80,14 @@ def test_one_tenant_cannot_hold_more_than_its_streams(secured: tuple[Spawned, Sp
     time.sleep(0.2)
     assert status_of(lambda: generate(decode, request("later"), metadata=bearer(ALICE))) \
         == grpc.StatusCode.OK
+
+
+def test_a_client_channel_with_a_key_reaches_both_methods(secured: tuple[Spawned, Spawned]) -> None:
+    _, decode = secured
+    with open_channel(decode.addr) as plain:
+        stub = pb_grpc.GenerationStub(with_api_key(plain, BOB))
+        assert stub.Generate(request("unary"), timeout=30).usage.completion_tokens > 0
+        assert list(stub.GenerateStream(request("stream"), timeout=30))[-1].usage.prompt_tokens > 0
 
 
 def test_the_prefill_worker_refuses_callers_without_its_token(
