@@ -1,6 +1,6 @@
 """RELIABILITY.md sections C and D where tests/services does not cover them already: fuzzed
-Prefill calls, a deadline that expires while the prefill worker hangs, a decode worker killed
-mid-stream and restarted."""
+Prefill calls, malformed requests that must not grow memory, a deadline that expires while the
+prefill worker hangs, a decode worker killed mid-stream and restarted, a rolling restart."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.chaos import process_usage
 from cachestore.hashing import hash_block_chain
 from engine.runner import ModelRunner
+from kvrelay.healthcheck import is_serving
 from kvrelay.serving.runtime import block_spec
 from protos.kvrelay.v1 import generation_pb2 as pb
 from protos.kvrelay.v1 import generation_pb2_grpc as pb_grpc
@@ -105,3 +107,48 @@ def test_a_decode_worker_killed_mid_stream_serves_again_after_restart(
     assert list(reply.token_ids) == reference.greedy(reference.tokenizer.encode(prompt), 8)
     assert decode.metric("kvrelay_kv_pool_used_blocks") == 0
     assert decode.metric("kvrelay_running_requests") == 0
+
+
+def test_malformed_and_bad_requests_leave_memory_and_files_flat(pair: tuple[Spawned, Spawned]) -> None:
+    _, decode = pair
+    bad = [b"\x00", b"\xff" * 64, b"\x0a\x05hello\x12", pb.GenerateRequest(
+        prompt="x", sampling=pb.SamplingParams(top_p=7.0)).SerializeToString()]
+
+    def hammer(rounds: int) -> None:
+        with decode.channel() as channel:
+            call = channel.unary_unary("/kvrelay.v1.Generation/Generate")
+            for i in range(rounds):
+                raw = bad[i % len(bad)]
+                assert status_of(lambda raw=raw: call(raw, timeout=10)) \
+                    == grpc.StatusCode.INVALID_ARGUMENT
+
+    hammer(100)
+    before = process_usage(decode.process.pid)
+    hammer(400)
+    after = process_usage(decode.process.pid)
+    assert after["fds"] <= before["fds"] + 2
+    assert after["rss_kib"] < before["rss_kib"] + 16 * 1024
+    assert status_of(lambda: generate(decode, request("still up"))) == grpc.StatusCode.OK
+
+
+def test_a_rolling_restart_under_load_drains_then_serves(
+        pair: tuple[Spawned, Spawned], reference: Reference) -> None:
+    _, decode = pair
+    stream = pb.GenerateRequest(prompt="Keep talking while the worker drains.",
+                                sampling=pb.SamplingParams(max_new_tokens=80, ignore_eos=True))
+    with decode.channel() as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        calls = [stub.GenerateStream(stream, timeout=30) for _ in range(3)]
+        for call in calls:
+            next(call)
+        decode.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: not is_serving(decode.addr, timeout_s=0.5))
+        assert status_of(lambda: stub.Generate(request("late"), timeout=10)) \
+            == grpc.StatusCode.UNAVAILABLE
+        finished = [list(call)[-1].usage.completion_tokens for call in calls]
+    assert finished == [80, 80, 80]
+    assert decode.process.wait(timeout=15) == 0
+    decode.start()
+    prompt = "Back after the rolling restart. " * 3
+    reply = generate(decode, request(prompt, "rolled"))
+    assert list(reply.token_ids) == reference.greedy(reference.tokenizer.encode(prompt), 8)
