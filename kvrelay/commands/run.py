@@ -47,7 +47,8 @@ def main(args: argparse.Namespace) -> int:
     text = args.prompt
     if args.chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
-    prompt_ids = tokenizer.encode(text)
+    # A rendered chat template already holds its special tokens.
+    prompt_ids = tokenizer.encode(text, add_special_tokens=not args.chat)
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature,
                             seed=args.seed)
     blocks = -(-(len(prompt_ids) + max(args.max_tokens, 0)) // BLOCK_SIZE) + 1

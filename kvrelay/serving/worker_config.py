@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cachestore.kvstore import DEFAULT_BLOCK_SIZE
 from kvrelay.serving.settings import setting
 from kvrelay.serving.tls import is_loopback
 
@@ -30,10 +31,10 @@ class WorkerConfig:
     store_timeout_s: float = setting(0.5, "upper bound on one store call")
     block_ttl_s: int = setting(86400, "expiry of published blocks, seconds (0: none)")
     store_threads: int = setting(4, "threads doing store I/O")
-    block_size: int = setting(64, "tokens per KV block (part of the model fingerprint; "
-                                  "every worker sharing a store must agree)")
-    num_blocks: int = setting(512, "KV blocks in this worker's pool (x block_size tokens; SmolLM2-135M "
-                                   "in float32 keeps 46 KB of K/V per token)")
+    block_size: int = setting(DEFAULT_BLOCK_SIZE, "tokens per KV block (part of the model "
+                                  "fingerprint; every worker sharing a store must agree)")
+    num_blocks: int = setting(1024, "KV blocks in this worker's pool (x block_size tokens; "
+                                    "SmolLM2-135M in float32 keeps 46 KB of K/V per token)")
     max_batch_size: int = setting(16, "most sequences in one forward pass")
     max_requests: int = setting(64, "most requests running plus waiting (RESOURCE_EXHAUSTED beyond)")
     max_message_bytes: int = setting(4 * 1024 * 1024, "gRPC message-size limit, both directions")
