@@ -127,3 +127,30 @@ def redis() -> Iterator[RedisServer]:
 @pytest.fixture(scope="module")
 def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="package")
+def shared_redis() -> Iterator[RedisServer]:
+    server = start_redis(["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"])
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="package")
+def shared_pair(shared_redis: RedisServer, tiny_model_dir: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Spawned, Spawned]]:
+    """A prefill and a decode worker shared by the modules whose faults leave them serving
+    (a test that kills or stops one starts it again or resumes it)."""
+    log_dir = tmp_path_factory.mktemp("shared-logs")
+    prefill = spawn("prefill", tiny_model_dir, shared_redis.url(), log_dir)
+    try:
+        decode = spawn("decode", tiny_model_dir, shared_redis.url(), log_dir,
+                       prefill_addr=prefill.addr)
+    except BaseException:
+        prefill.stop()
+        raise
+    yield prefill, decode
+    decode.stop()
+    prefill.stop()

@@ -5,10 +5,8 @@ partial one (middle blocks evicted). Logit-level agreement: tests/engine/test_mo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import torch
 import transformers
 
@@ -16,21 +14,12 @@ from engine.engine import LLMEngine
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
 from protos.kvrelay.v1 import generation_pb2 as pb
-from tests.reliability.conftest import BLOCK_SIZE, Reference, Spawned, generate, spawn
+from tests.reliability.conftest import BLOCK_SIZE, Reference, Spawned, generate
 from tests.support.redis_server import RedisServer
 
 NEW_TOKENS = 12
 PROMPT = ("Fidelity: the KV path must never change what the model says, whether the prefix "
           "was computed here, by the prefill worker, or read back from the store. ")
-
-
-@pytest.fixture(scope="module")
-def pair(redis: RedisServer, tiny_model_dir: Path, log_dir: Path) -> Iterator[tuple[Spawned, Spawned]]:
-    prefill = spawn("prefill", tiny_model_dir, redis.url(), log_dir)
-    decode = spawn("decode", tiny_model_dir, redis.url(), log_dir, prefill_addr=prefill.addr)
-    yield prefill, decode
-    decode.stop()
-    prefill.stop()
 
 
 def _transformers_greedy(model_dir: Path, ids: list[int]) -> list[int]:
@@ -49,9 +38,9 @@ def _cache_off_greedy(reference: Reference, ids: list[int]) -> list[int]:
 
 
 def test_greedy_output_is_identical_across_every_kv_path(
-        redis: RedisServer, pair: tuple[Spawned, Spawned], reference: Reference,
+        shared_redis: RedisServer, shared_pair: tuple[Spawned, Spawned], reference: Reference,
         tiny_model_dir: Path) -> None:
-    _, decode = pair
+    _, decode = shared_pair
     ids = reference.tokenizer.encode(PROMPT * 2)
     request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), cache_salt="fidelity",
                                  sampling=pb.SamplingParams(max_new_tokens=NEW_TOKENS,
@@ -59,7 +48,7 @@ def test_greedy_output_is_identical_across_every_kv_path(
     cold = generate(decode, request)
     warm = generate(decode, request)
     keys = reference.block_keys(ids, BLOCK_SIZE, "fidelity")
-    assert len(keys) >= 4 and redis.client().delete(keys[1], keys[2]) == 2
+    assert len(keys) >= 4 and shared_redis.client().delete(keys[1], keys[2]) == 2
     partial = generate(decode, request)
     assert (cold.usage.cached_prompt_tokens, warm.usage.cached_prompt_tokens,
             partial.usage.cached_prompt_tokens) == (0, len(keys) * BLOCK_SIZE, BLOCK_SIZE)

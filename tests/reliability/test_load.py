@@ -4,28 +4,14 @@ cache and without it (every request its own salt), printing its figures."""
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-
-import pytest
 
 from bench.chaos import process_usage
-from tests.reliability.conftest import BLOCK_SIZE, Reference, Spawned, generate, request, spawn
-from tests.support.redis_server import RedisServer
+from tests.reliability.conftest import BLOCK_SIZE, Reference, Spawned, generate, request
 
 GROUPS, PER_GROUP, CONCURRENCY = 4, 6, 4
 SYSTEMS = [f"System prompt {g}: you are the help desk of library {g}. " * 40 for g in range(GROUPS)]
 PROMPTS = [s + f"Question {q}: when do you open?" for s in SYSTEMS for q in range(PER_GROUP)]
-
-
-@pytest.fixture(scope="module")
-def pair(redis: RedisServer, tiny_model_dir: Path, log_dir: Path) -> Iterator[tuple[Spawned, Spawned]]:
-    prefill = spawn("prefill", tiny_model_dir, redis.url(), log_dir)
-    decode = spawn("decode", tiny_model_dir, redis.url(), log_dir, prefill_addr=prefill.addr)
-    yield prefill, decode
-    decode.stop()
-    prefill.stop()
 
 
 def _round(decode: Spawned, salts: list[str]) -> list:
@@ -34,8 +20,8 @@ def _round(decode: Spawned, salts: list[str]) -> list:
 
 
 def test_shared_prefixes_hit_the_cache_and_cut_ttft_with_flat_resources(
-        pair: tuple[Spawned, Spawned], reference: Reference) -> None:
-    _, decode = pair
+        shared_pair: tuple[Spawned, Spawned], reference: Reference) -> None:
+    _, decode = shared_pair
     ids = [reference.tokenizer.encode(p) for p in PROMPTS]
     expected = [reference.greedy(i, 8) for i in ids]
     _round(decode, [f"warm-up-{i}" for i in range(len(PROMPTS))])

@@ -86,7 +86,7 @@ def test_workers_reach_a_tls_redis_as_their_acl_users(
             _, name, *rules = line.split()
             if name != "default":
                 admin.execute_command("ACL", "SETUSER", name, *rules)
-        trust = ("--redis-tls-ca-file", str(tls.ca_cert))
+        trust = ("--redis-tls-ca-file", str(tls.ca_cert), "--store-timeout-s", "2")
         prefill = spawn("prefill", tiny_model_dir, server.url(*_credentials("prefill")), log_dir,
                         extra=trust)
         workers.append(prefill)

@@ -14,6 +14,7 @@ from kvrelay.healthcheck import is_serving
 from kvrelay.serving.auth import KeyRing, bearer, parse_key_file, tenant_salt, with_api_key
 from protos.kvrelay.v1 import generation_pb2 as pb
 from protos.kvrelay.v1 import generation_pb2_grpc as pb_grpc
+from protos.kvrelay.v1 import prefill_pb2, prefill_pb2_grpc
 from tests.reliability.conftest import Reference, Spawned, generate, request, spawn, status_of
 from tests.support.redis_server import RedisServer, make_tls_files
 
@@ -91,18 +92,15 @@ def test_a_client_channel_with_a_key_reaches_both_methods(secured: tuple[Spawned
 
 
 def test_the_prefill_worker_refuses_callers_without_its_token(
-        redis: RedisServer, secured: tuple[Spawned, Spawned], tiny_model_dir: Path,
-        log_dir: Path, reference: Reference) -> None:
+        secured: tuple[Spawned, Spawned]) -> None:
     prefill, _ = secured
-    stranger = spawn("decode", tiny_model_dir, redis.url(), log_dir, prefill_addr=prefill.addr)
-    try:
-        prompt = "A decode worker without the token. " + PROMPT
-        reply = generate(stranger, request(prompt, "stranger"))
-        assert list(reply.token_ids) == reference.greedy(reference.tokenizer.encode(prompt), 8)
-        assert stranger.metric(
-            'kvrelay_local_prefill_fallbacks_total{reason="unauthenticated"}') == 1
-    finally:
-        stranger.stop()
+    call = prefill_pb2.PrefillRequest(token_ids=[1, 2, 3], model_fingerprint="0" * 32)
+    with prefill.channel() as channel:
+        stub = prefill_pb2_grpc.PrefillStub(channel)
+        codes = [status_of(lambda m=m: stub.Prefill(call, timeout=10, metadata=m))
+                 for m in (None, bearer(ALICE), bearer(DECODE))]
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAUTHENTICATED,
+                     grpc.StatusCode.FAILED_PRECONDITION]  # the token passes; the model differs
 
 
 def test_mtls_admits_only_decode_workers_with_a_client_certificate(
@@ -112,20 +110,20 @@ def test_mtls_admits_only_decode_workers_with_a_client_certificate(
                     client_cert=(str(tls.cert), str(tls.key)),
                     extra=("--tls-cert-file", str(tls.cert), "--tls-key-file", str(tls.key),
                            "--tls-client-ca-file", str(tls.ca_cert)))
-    trust = ("--prefill-tls-ca-file", str(tls.ca_cert))
-    cert = ("--prefill-tls-cert-file", str(tls.cert), "--prefill-tls-key-file", str(tls.key))
     workers = [prefill]
     try:
-        with_cert = spawn("decode", tiny_model_dir, redis.url(), log_dir,
-                          prefill_addr=prefill.addr, extra=(*trust, *cert))
-        workers.append(with_cert)
-        without = spawn("decode", tiny_model_dir, redis.url(), log_dir,
-                        prefill_addr=prefill.addr, extra=trust)
-        workers.append(without)
-        generate(with_cert, request(PROMPT, "mtls-1"))
-        generate(without, request(PROMPT, "mtls-2"))
-        assert with_cert.metric("kvrelay_local_prefill_fallbacks_total") == 0
-        assert without.metric('kvrelay_local_prefill_fallbacks_total{reason="unavailable"}') == 1
+        decode = spawn("decode", tiny_model_dir, redis.url(), log_dir, prefill_addr=prefill.addr,
+                       extra=("--prefill-tls-ca-file", str(tls.ca_cert),
+                              "--prefill-tls-cert-file", str(tls.cert),
+                              "--prefill-tls-key-file", str(tls.key)))
+        workers.append(decode)
+        generate(decode, request(PROMPT, "mtls"))
+        assert decode.metric("kvrelay_local_prefill_fallbacks_total") == 0
+        assert prefill.metric("kvrelay_prefill_computed_tokens_total") > 0
+        with open_channel(prefill.addr, str(tls.ca_cert)) as no_certificate:
+            code = status_of(lambda: prefill_pb2_grpc.PrefillStub(no_certificate).Prefill(
+                prefill_pb2.PrefillRequest(token_ids=[1]), timeout=5))
+        assert code == grpc.StatusCode.UNAVAILABLE
     finally:
         for worker in reversed(workers):
             worker.stop()

@@ -5,8 +5,6 @@ prefill worker hangs, a decode worker killed mid-stream and restarted, a rolling
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -27,26 +25,14 @@ from tests.reliability.conftest import (
     Spawned,
     generate,
     request,
-    spawn,
     status_of,
     wait_for,
 )
-from tests.support.redis_server import RedisServer
 
 PREFILL_DOCUMENTED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT,
                       grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED}
 FUZZ = settings(max_examples=30, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-@pytest.fixture(scope="module")
-def pair(redis: RedisServer, tiny_model_dir: Path, log_dir: Path) -> Iterator[tuple[Spawned, Spawned]]:
-    prefill = spawn("prefill", tiny_model_dir, redis.url(), log_dir)
-    decode = spawn("decode", tiny_model_dir, redis.url(), log_dir, prefill_addr=prefill.addr,
-                   extra=("--prefill-timeout-s", "20"))
-    yield prefill, decode
-    decode.stop()
-    prefill.stop()
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +46,9 @@ def fingerprint(reference: Reference) -> str:
        salt=st.text(max_size=40), true_hashes=st.booleans(), true_model=st.booleans(),
        junk=st.lists(st.binary(max_size=40), max_size=4))
 def test_fuzzed_prefill_calls_get_a_documented_status(
-        pair: tuple[Spawned, Spawned], fingerprint: str, ids: list[int], salt: str,
+        shared_pair: tuple[Spawned, Spawned], fingerprint: str, ids: list[int], salt: str,
         true_hashes: bool, true_model: bool, junk: list[bytes]) -> None:
-    prefill, _ = pair
+    prefill, _ = shared_pair
     hashes = junk
     if true_hashes and all(0 <= i < 2**32 for i in ids):
         hashes = [bytes(h) for h in hash_block_chain(ids, BLOCK_SIZE, fingerprint, salt)]
@@ -74,8 +60,8 @@ def test_fuzzed_prefill_calls_get_a_documented_status(
 
 
 def test_a_deadline_while_the_prefill_worker_hangs_is_deadline_exceeded_and_frees_kv(
-        pair: tuple[Spawned, Spawned], reference: Reference) -> None:
-    prefill, decode = pair
+        shared_pair: tuple[Spawned, Spawned], reference: Reference) -> None:
+    prefill, decode = shared_pair
     prompt = "The prefill worker hangs and the client will not wait. " * 3
     prefill.process.send_signal(signal.SIGSTOP)
     try:
@@ -90,8 +76,8 @@ def test_a_deadline_while_the_prefill_worker_hangs_is_deadline_exceeded_and_free
 
 
 def test_a_decode_worker_killed_mid_stream_serves_again_after_restart(
-        pair: tuple[Spawned, Spawned], reference: Reference) -> None:
-    _, decode = pair
+        shared_pair: tuple[Spawned, Spawned], reference: Reference) -> None:
+    _, decode = shared_pair
     long = pb.GenerateRequest(prompt="Tell a long story.", sampling=pb.SamplingParams(
         max_new_tokens=500, ignore_eos=True))
     with decode.channel() as channel:
@@ -109,8 +95,9 @@ def test_a_decode_worker_killed_mid_stream_serves_again_after_restart(
     assert decode.metric("kvrelay_running_requests") == 0
 
 
-def test_malformed_and_bad_requests_leave_memory_and_files_flat(pair: tuple[Spawned, Spawned]) -> None:
-    _, decode = pair
+def test_malformed_and_bad_requests_leave_memory_and_files_flat(
+        shared_pair: tuple[Spawned, Spawned]) -> None:
+    _, decode = shared_pair
     bad = [b"\x00", b"\xff" * 64, b"\x0a\x05hello\x12", pb.GenerateRequest(
         prompt="x", sampling=pb.SamplingParams(top_p=7.0)).SerializeToString()]
 
@@ -132,8 +119,8 @@ def test_malformed_and_bad_requests_leave_memory_and_files_flat(pair: tuple[Spaw
 
 
 def test_a_rolling_restart_under_load_drains_then_serves(
-        pair: tuple[Spawned, Spawned], reference: Reference) -> None:
-    _, decode = pair
+        shared_pair: tuple[Spawned, Spawned], reference: Reference) -> None:
+    _, decode = shared_pair
     stream = pb.GenerateRequest(prompt="Keep talking while the worker drains.",
                                 sampling=pb.SamplingParams(max_new_tokens=80, ignore_eos=True))
     with decode.channel() as channel:
