@@ -192,8 +192,16 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (N, D) -> logits (N, V) in float32."""
-        return F.linear(hidden, self.head_weight).float()
+        """hidden (N, D) -> logits (N, V) in float32.
+
+        One row multiplies the column-major head; several rows multiply a row-major tied
+        head as ``W @ hidden.T`` (CPU BLAS: ~1.5-2x faster than either layout's linear for
+        4-16 rows, as it tiles the long vocab axis instead of the few rows).
+        """
+        if hidden.shape[0] == 1 or not self.config.tie_word_embeddings:
+            return F.linear(hidden, self.head_weight).float()
+        rows = self.model.embed_tokens.weight  # (V, D) row-major
+        return torch.mm(rows, hidden.t()).t().contiguous().float()  # (N, V)
 
 
 def _fill_tied_head(state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
