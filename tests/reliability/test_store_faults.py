@@ -202,3 +202,23 @@ def test_a_stream_survives_a_store_restart(redis: RedisServer, pair: tuple[Spawn
         redis.restart()
         rest = list(call)
     assert rest[-1].usage.completion_tokens == 60
+
+
+def test_a_black_holed_store_times_out_into_misses(
+        proxy: FaultProxy, proxied_decode: Spawned, reference: Reference) -> None:
+    prompt = SYSTEM + "Packets to the store vanish."
+    generate(proxied_decode, request(prompt, "blackhole-warm"))
+    wait_for(lambda: generate(proxied_decode, request(prompt, "blackhole-warm"))
+             .usage.cached_prompt_tokens > 0)  # the store answers again (no back-off)
+    timeouts = proxied_decode.metric('kvrelay_store_errors_total{kind="timeout"}')
+    proxy.drop_connections()
+    proxy.faults.blackhole = True
+    try:
+        started = time.monotonic()
+        reply = generate(proxied_decode, request(prompt, "blackhole"), timeout_s=5.0)
+        assert time.monotonic() - started < 3.0
+    finally:
+        proxy.faults.blackhole = False
+    assert list(reply.token_ids) == _expected(reference, prompt)
+    assert reply.usage.cached_prompt_tokens == 0
+    assert proxied_decode.metric('kvrelay_store_errors_total{kind="timeout"}') > timeouts
