@@ -97,6 +97,15 @@ def test_batched_with_other_prompts_gives_the_same_tokens(pair: ModelPair, refer
     assert engine.runner.allocator.num_free == engine.runner.allocator.num_blocks
 
 
+def test_logits_of_several_rows_match_each_row_alone(pair: ModelPair) -> None:
+    model = pair.runner().model
+    hidden = torch.randn(16, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        batched = model.logits(hidden)
+        alone = torch.cat([model.logits(row[None]) for row in hidden])
+    torch.testing.assert_close(batched, alone, atol=ATOL, rtol=0)
+
+
 def test_every_supported_architecture_has_a_model_class() -> None:
     assert set(SUPPORTED_ARCHITECTURES) <= set(MODEL_REGISTRY)
 
