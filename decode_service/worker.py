@@ -146,11 +146,17 @@ class DecodeWorker:
     async def _remote_prefill(self, req: GenerationRequest, ids: list[int],
                               hashes: list[BlockHash], cached: int, arrived: float,
                               time_left_s: float | None) -> int:
-        """Blocks now in the store: after a Prefill call when worth it, else ``cached``."""
+        """Blocks now in the store: after a Prefill call when worth it, else ``cached``.
+
+        Worth it when the uncached part reaches the threshold and is at least as long as
+        the cached part: a Prefill call moves the cached part twice more (the prefill
+        worker loads it as context, decode fetches it again), so a short tail on a long
+        cached prefix is cheaper computed here.
+        """
         bs = self.runtime.spec.block_size
         uncached = len(ids) - cached * bs
         if (self.prefill_client is None or cached == len(hashes)
-                or uncached < self.config.prefill_threshold_tokens):
+                or uncached < max(self.config.prefill_threshold_tokens, cached * bs)):
             return cached
         timeout = self.config.prefill_timeout_s
         if time_left_s is not None:

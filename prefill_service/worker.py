@@ -1,7 +1,8 @@
 """The prefill worker's domain: make a prompt's full blocks present in the shared store.
 
 For each call it loads the cached prefix it finds in the store (verified) as context,
-computes K/V for the remaining full blocks on the compute thread, publishes them, and
+computes K/V for the remaining full blocks on the compute thread in chunks, publishes each
+chunk straight from the KV pool while the next one computes, and
 reports how many leading prompt tokens the store now holds. A trailing partial block is
 never computed here: decode computes it (with at least the last prompt token).
 """
@@ -12,7 +13,9 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 
@@ -21,14 +24,21 @@ from engine.kv import OutOfBlocks
 from engine.sequence import Sequence
 from kvrelay.serving.errors import ServiceError, invalid_argument
 from kvrelay.serving.kvblocks import (
+    block_views,
     collect_payloads,
-    export_blocks,
     prefill_full_blocks,
     used_blocks,
 )
 from kvrelay.serving.runtime import Runtime
 
 log = logging.getLogger("kvrelay.prefill")
+T = TypeVar("T")
+
+PUBLISH_CHUNK_BLOCKS = 32
+"""Blocks computed per forward pass before they are published. Publishing one chunk
+overlaps computing the next, so only the last chunk's publish adds to a long prompt's
+latency; the chunks' extra attention over the growing paged context costs little next to
+the MLPs (measured in docs/performance.md)."""
 
 
 @dataclass(frozen=True)
@@ -95,12 +105,13 @@ class PrefillWorker:
         if cached == len(hashes):
             return PrefillResult(cached * bs, 0, 0, 0.0)
         started = time.monotonic()
-        computed, exported = await asyncio.get_running_loop().run_in_executor(
-            rt.compute, self._compute, job, payloads, len(hashes))
+        seq = Sequence(job.request_id or "prefill", job.token_ids)
+        try:
+            published = await self._compute_and_publish(seq, payloads, hashes)
+        finally:
+            await self._on_compute(self._release, seq)
         compute_ms = (time.monotonic() - started) * 1000
-        if 0 < self._exit_after_blocks < len(exported):
-            await self._die_midway(hashes[cached:], exported)
-        published = await rt.on_store("publish", rt.cache.publish, hashes[cached:], exported)
+        computed = (len(hashes) - cached) * bs
         stored = await rt.on_store("lookup", rt.cache.lookup, hashes)
         rt.metrics.computed_tokens.inc(computed)
         rt.metrics.published_blocks.inc(published)
@@ -109,30 +120,57 @@ class PrefillWorker:
                                      "stored_tokens": stored * bs, "compute_ms": round(compute_ms, 2)})
         return PrefillResult(stored * bs, computed, published, compute_ms)
 
-    async def _die_midway(self, hashes: list[BlockHash], exported: list) -> None:
+    async def _compute_and_publish(self, seq: Sequence, payloads: list[bytes],
+                                   hashes: list[BlockHash]) -> int:
+        """Compute the missing blocks chunk by chunk, publishing each chunk while the next
+        one computes; returns the blocks newly written. Publishes read the pool in place:
+        ``seq`` holds its blocks until every publish is over."""
+        rt = self.runtime
+        await self._on_compute(self._import, seq, payloads)
+        publishes: list[asyncio.Future[int]] = []
+        try:
+            for first, last in chunks(len(payloads), len(hashes), PUBLISH_CHUNK_BLOCKS):
+                await self._on_compute(prefill_full_blocks, rt.runner, seq, last)
+                views = block_views(rt.runner, seq, first, last)
+                if 0 < self._exit_after_blocks < len(hashes) - len(payloads):
+                    await self._die_midway(hashes[first:last], views)
+                publishes.append(asyncio.ensure_future(
+                    rt.on_store("publish", rt.cache.publish, hashes[first:last], views)))
+            return sum(await asyncio.gather(*publishes))
+        finally:
+            await asyncio.gather(*publishes, return_exceptions=True)
+
+    async def _on_compute(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.runtime.compute, fn, *args)
+
+    def _import(self, seq: Sequence, payloads: list[bytes]) -> None:
+        try:
+            self.runtime.runner.import_blocks(seq, payloads)
+        except OutOfBlocks as exc:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "KV pool is full") from exc
+
+    def _release(self, seq: Sequence) -> None:
+        runner = self.runtime.runner
+        runner.free(seq)
+        self.runtime.metrics.kv_used.set(used_blocks(runner))
+
+    async def _die_midway(self, hashes: list[BlockHash], views: list) -> None:
         """The ``fault_exit_after_blocks`` hook: publish some blocks, then exit at once."""
         rt = self.runtime
         n = self._exit_after_blocks
-        await rt.on_store("publish", rt.cache.publish, hashes[:n], exported[:n])
-        log.error("fault hook: exiting after publishing %d of %d blocks", n, len(exported))
+        await rt.on_store("publish", rt.cache.publish, hashes[:n], views[:n])
+        log.error("fault hook: exiting after publishing %d blocks", min(n, len(views)))
         os._exit(70)
 
     async def warm(self) -> None:
         """One block's prefill on the compute thread, so the first call pays no warm-up."""
-        job = PrefillJob([1] * self.runtime.spec.block_size, "", [], "", "warm-up")
-        await asyncio.get_running_loop().run_in_executor(self.runtime.compute, self._compute,
-                                                         job, [], 1)
-
-    def _compute(self, job: PrefillJob, payloads: list[bytes], num_blocks: int) -> tuple[int, list]:
-        """On the compute thread: import the cached prefix, compute the rest, export copies."""
-        runner = self.runtime.runner
-        seq = Sequence(job.request_id or "prefill", job.token_ids)
+        seq = Sequence("warm-up", [1] * self.runtime.spec.block_size)
         try:
-            runner.import_blocks(seq, payloads)
-            computed = prefill_full_blocks(runner, seq, num_blocks)
-            return computed, export_blocks(runner, seq, len(payloads), num_blocks)
-        except OutOfBlocks as exc:
-            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "KV pool is full") from exc
+            await self._on_compute(prefill_full_blocks, self.runtime.runner, seq, 1)
         finally:
-            runner.free(seq)
-            self.runtime.metrics.kv_used.set(used_blocks(runner))
+            await self._on_compute(self._release, seq)
+
+
+def chunks(first: int, last: int, size: int) -> list[tuple[int, int]]:
+    """Block ranges ``[a, b)`` of at most ``size`` blocks covering ``[first, last)``."""
+    return [(a, min(a + size, last)) for a in range(first, last, size)]

@@ -1,7 +1,8 @@
 """Moving whole KV blocks between a ``ModelRunner`` and the prefix cache.
 
 Runs on the compute thread (it touches the runner). Exported payloads are copies, so a
-block can be freed or reused while its bytes are still on their way to the store.
+block can be freed or reused while its bytes are still on their way to the store; block
+views are not, for a caller that keeps the blocks until their bytes are sent.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ def export_blocks(runner: ModelRunner, seq: RunnerSequence, first: int, last: in
     """Copies of blocks ``[first, last)`` as byte arrays, (L, 2, bs, kvh, hd) each in memory."""
     return [runner.export_block(seq, i).contiguous().clone().view(torch.uint8).cpu().numpy()
             for i in range(first, last)]
+
+
+def block_views(runner: ModelRunner, seq: RunnerSequence, first: int, last: int) -> list[np.ndarray]:
+    """Blocks ``[first, last)`` as byte arrays viewing the pool (no copy): valid only while
+    ``seq`` holds its blocks and nothing writes them."""
+    return [runner.export_block(seq, i).view(torch.uint8).numpy() for i in range(first, last)]
 
 
 def collect_payloads(payloads: list[bytes]) -> Callable[[int, memoryview], None]:
