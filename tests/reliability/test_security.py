@@ -8,6 +8,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kvrelay.client import open_channel
 from kvrelay.healthcheck import is_serving
@@ -49,6 +51,18 @@ def test_a_missing_or_wrong_key_is_unauthenticated(secured: tuple[Spawned, Spawn
     code = status_of(lambda: generate(decode, request("hello"), metadata=metadata))
     assert code == grpc.StatusCode.UNAUTHENTICATED
     assert is_serving(decode.addr)  # health stays open for probes
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=80))
+def test_fuzzed_authorization_headers_are_unauthenticated(
+        secured: tuple[Spawned, Spawned], value: str) -> None:
+    _, decode = secured
+    for metadata in ((("authorization", value),), (("authorization", "Bearer " + value),)):
+        code = status_of(lambda m=metadata: generate(decode, request("hi", max_new_tokens=1),
+                                                     metadata=m))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_tenants_never_share_cached_blocks_whatever_salt_they_send(
