@@ -57,23 +57,6 @@ def gather_kv(kv_layer: torch.Tensor, meta: AttentionMetadata,
             v.view(batch, -1, kvh, hd).transpose(1, 2))
 
 
-def _single_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                            meta: AttentionMetadata) -> torch.Tensor:
-    """Decode attention, q (B, 1, H, hd) over keys/values (B, kvh, Tk, hd) -> (B, 1, H*hd).
-
-    The query heads sharing a KV head are folded into one axis, so K/V are never repeated;
-    plain matmuls beat the fused kernel's threading overhead at this size.
-    """
-    batch, _, heads, hd = q.shape
-    kvh = keys.shape[1]
-    qg = q.view(batch, kvh, heads // kvh, hd)  # (B, kvh, g, hd)
-    scores = torch.matmul(qg, keys.transpose(-1, -2)) * meta.scale  # (B, kvh, g, Tk)
-    if meta.mask is not None:
-        scores = scores + meta.mask  # mask: (B, 1, 1, Tk)
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return torch.matmul(probs, values).reshape(batch, 1, heads * hd)  # (B, kvh, g, hd) flat
-
-
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     kv_layer: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
     """q (B, T, H, hd), new k/v (B, T, kvh, hd) -> attention output (B, T, H*hd)."""
@@ -85,8 +68,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     else:
         keys, values = gather_kv(kv_layer, meta, batch)  # (B, kvh, Tk, hd)
     kvh = keys.shape[1]
-    if t == 1:
-        return _single_query_attention(q, keys, values, meta)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), keys, values, attn_mask=meta.mask, is_causal=meta.mask is None,
         scale=meta.scale, enable_gqa=kvh != heads)  # (B, H, T, hd)
