@@ -4,9 +4,10 @@ A SmolLM2-135M-shaped Llama (random weights, fp32, CPU) is built once in transfo
 its state dict loaded into kvrelay, so both run the same weights in the same process.
 Prefill: one forward of an N-token prompt (transformers computes only the last logits).
 Decode: B prompts of PROMPT_TOKENS tokens generating NEW_TOKENS greedy tokens each
-(transformers: ``generate`` with its KV cache); tok/s counts generated tokens. Each case
-runs kvrelay and transformers alternately and keeps each one's best time, so both see
-the same machine load.
+(transformers: ``generate`` with its KV cache, default attention); tok/s counts generated
+tokens and ms/step is a whole generation's time (its prefill included) over NEW_TOKENS.
+Each case runs kvrelay and transformers alternately and keeps each one's best time, so
+both see the same machine load.
 """
 
 from __future__ import annotations
@@ -107,17 +108,22 @@ def bench_decode(hf: Any, runner: ModelRunner, batch: int) -> dict[str, float]:
     theirs(2)
     t_ours, t_theirs = _best_seconds(ours, theirs, 2)
     generated = batch * NEW_TOKENS
-    return {"batch": batch, "kvrelay_tok_s": generated / t_ours, "hf_tok_s": generated / t_theirs}
+    return {"batch": batch, "kvrelay_tok_s": generated / t_ours, "hf_tok_s": generated / t_theirs,
+            "kvrelay_ms_per_step": 1e3 * t_ours / NEW_TOKENS,
+            "hf_ms_per_step": 1e3 * t_theirs / NEW_TOKENS}
 
 
 def _table(results: dict[str, list[dict[str, float]]]) -> str:
-    lines = [f"{'case':<22}{'kvrelay tok/s':>15}{'HF tok/s':>12}{'ratio':>8}"]
+    lines = [f"{'case':<22}{'kvrelay tok/s':>15}{'HF tok/s':>12}{'ratio':>8}"
+             f"{'kvrelay ms/step':>17}{'HF ms/step':>12}"]
     for kind, key in (("prefill", "tokens"), ("decode", "batch")):
         for row in results[kind]:
             name = f"{kind} {key}={int(row[key])}"
             ratio = row["kvrelay_tok_s"] / row["hf_tok_s"]
+            steps = (f"{row['kvrelay_ms_per_step']:>17.1f}{row['hf_ms_per_step']:>12.1f}"
+                     if kind == "decode" else "")
             lines.append(f"{name:<22}{row['kvrelay_tok_s']:>15.1f}{row['hf_tok_s']:>12.1f}"
-                         f"{ratio:>7.2f}x")
+                         f"{ratio:>7.2f}x{steps}")
     return "\n".join(lines)
 
 
