@@ -1,11 +1,14 @@
 """The continuous batch on its own thread, so the grpc.aio event loop never blocks.
 
 One dedicated compute thread owns the ``LLMEngine`` and its ``ModelRunner``. The event
-loop talks to it only by messages: ``submit`` (an admission: import fetched blocks,
-prefill missing full blocks, join the batch), ``abort`` (leave now, freeing KV). Between
+loop talks to it only by messages: ``submit`` (an admission: import fetched blocks, join
+the batch), ``abort`` (leave now, freeing KV). Between
 two engine steps the thread applies every pending message, so requests join and leave
 between steps. Results go back to each request's ``asyncio.Queue``. An admission that
 finds the KV pool full waits (in arrival order) until running requests free blocks.
+What is missing of a prompt is computed by the engine's batched prefill, in one pass with
+the other new requests; full blocks that pass computed are exported (engine hook
+``on_prefill``, before a request that ends on its first token frees them) and published.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from cachestore.hashing import BlockHash
 from engine.engine import LLMEngine, StepOutput
 from engine.kv import OutOfBlocks
 from engine.sequence import Sequence
-from kvrelay.serving.kvblocks import export_blocks, prefill_full_blocks, used_blocks
+from kvrelay.serving.kvblocks import export_blocks, used_blocks
 from kvrelay.serving.metrics import WorkerMetrics
 
 log = logging.getLogger("kvrelay.scheduler")
@@ -45,7 +48,7 @@ class Admission:
 
 @dataclass(frozen=True)
 class Admitted:
-    """First event of a request: when work on it started and what local prefill cost."""
+    """First event of a request: when work on it started and what importing its blocks cost."""
 
     started: float
     prefill_ms: float
@@ -61,6 +64,9 @@ class BatchScheduler:
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue[Any]] = {}
         self._deferred: deque[Admission] = deque()
+        self._unpublished: dict[str, tuple[list[BlockHash], int]] = {}
+        if publish is not None:
+            engine.on_prefill = self._publish_prefilled
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="compute", daemon=True)
@@ -119,9 +125,6 @@ class BatchScheduler:
         runner = self.engine.runner
         try:
             runner.import_blocks(a.seq, a.payloads)
-            computed = prefill_full_blocks(runner, a.seq, len(a.hashes))
-            exported = export_blocks(runner, a.seq, len(a.payloads), len(a.hashes)) \
-                if computed and self._publish else []
             self.engine.add(a.seq)
         except OutOfBlocks as exc:
             runner.free(a.seq)
@@ -135,9 +138,22 @@ class BatchScheduler:
             self._send(a.events, exc)
             return
         self._queues[a.seq.seq_id] = a.events
+        if self._publish is not None and len(a.payloads) < len(a.hashes):
+            self._unpublished[a.seq.seq_id] = (a.hashes, len(a.payloads))
         self._send(a.events, Admitted(started, (time.monotonic() - started) * 1000))
-        if exported and self._publish:
-            self._publish(a.hashes[len(a.payloads):], exported)
+
+    def _publish_prefilled(self, seqs: list[Sequence]) -> None:
+        """Engine hook: publish the full blocks a prefill pass computed, once per request."""
+        assert self._publish is not None
+        runner = self.engine.runner
+        for seq in seqs:
+            pending = self._unpublished.pop(seq.seq_id, None)
+            if pending is None:
+                continue
+            hashes, first = pending
+            last = min(len(hashes), seq.num_computed // runner.block_size)
+            if last > first:
+                self._publish(hashes[first:last], export_blocks(runner, seq, first, last))
 
     def _retry_deferred(self) -> None:
         """Admit deferred requests in arrival order until one still does not fit."""
@@ -152,6 +168,7 @@ class BatchScheduler:
         deferred = [a for a in self._deferred if a.seq.seq_id == seq_id]
         for admission in deferred:
             self._deferred.remove(admission)
+        self._unpublished.pop(seq_id, None)
         if self._queues.pop(seq_id, None) is not None:
             self.engine.abort(seq_id)
             self._metrics.kv_used.set(used_blocks(self.engine.runner))
@@ -171,5 +188,6 @@ class BatchScheduler:
             self.engine.abort(seq_id)
             self._send(events, exc)
         self._queues.clear()
+        self._unpublished.clear()
         while self._deferred:
             self._send(self._deferred.popleft().events, exc)

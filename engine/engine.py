@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,9 @@ class LLMEngine:
         self.running: list[Sequence] = []
         self._stops: dict[str, StopChecker] = {}
         self._ids = itertools.count()
+        self.on_prefill: Callable[[list[Sequence]], None] | None = None
+        """Called with the sequences of every prefill pass once their prompt K/V is in the
+        pool, before sampling (a sequence that finishes on its first token frees it)."""
 
     @property
     def has_unfinished(self) -> bool:
@@ -88,7 +92,10 @@ class LLMEngine:
         prefill = self._admit()
         outputs: list[StepOutput] = []
         if prefill:
-            outputs += self._emit(prefill, self.runner.prefill(prefill))
+            logits = self.runner.prefill(prefill)
+            if self.on_prefill is not None:
+                self.on_prefill(prefill)
+            outputs += self._emit(prefill, logits)
         if decode:
             outputs += self._emit(decode, self.runner.decode(decode))
         return outputs

@@ -160,3 +160,25 @@ def test_half_precision_keeps_a_pool_of_that_dtype_and_close_logits(
     expected = _full_prefill_logits(llama_pair, seq.token_ids)
     assert got.dtype == torch.float32
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_on_prefill_sees_every_prompt_block_before_a_one_token_request_frees_them(
+        llama_pair: ModelPair) -> None:
+    from engine.engine import LLMEngine
+    from engine.sampling import SamplingParams
+
+    runner = llama_pair.runner(block_size=4)
+    engine = LLMEngine(runner)
+    prompt = list(range(3, 13))  # 2 full blocks and a partial one
+    seen: list[tuple[str, int, list[torch.Tensor]]] = []
+    engine.on_prefill = lambda seqs: seen.extend(
+        (s.seq_id, s.num_computed, [runner.export_block(s, i).clone() for i in range(2)])
+        for s in seqs)
+    engine.add(Sequence("one", list(prompt), SamplingParams(max_new_tokens=1)))
+    engine.step()
+    assert [(seq_id, n) for seq_id, n, _ in seen] == [("one", 10)]
+    assert runner.allocator.num_free == runner.allocator.num_blocks  # freed after the hook
+    reference = Sequence("ref", list(prompt))
+    runner.prefill([reference])
+    for i, block in enumerate(seen[0][2]):
+        torch.testing.assert_close(block, runner.export_block(reference, i), **TOL)
