@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 
@@ -95,7 +96,16 @@ class KVPool:
             raise ValueError(
                 f"block payload is {src.numel() * src.element_size()} bytes of {src.dtype}, "
                 f"expected {self.block_nbytes} bytes of {self.tensor.dtype}")
-        self.tensor[block].copy_(src.reshape(self.block_shape))
+        dst = self.tensor[block]
+        if dst.is_cpu and src.is_cpu:  # one memcpy; torch's threaded copy_ is slow on busy cores
+            np.copyto(_byte_array(dst), _byte_array(src))
+        else:
+            dst.copy_(src.reshape(self.block_shape))
+
+
+def _byte_array(t: torch.Tensor) -> np.ndarray:
+    """The bytes of a CPU tensor as a flat numpy array (a view when ``t`` is contiguous)."""
+    return t.reshape(-1).view(torch.uint8).numpy()
 
 
 def _tensor_from_buffer(payload: object, dtype: torch.dtype) -> torch.Tensor:

@@ -42,7 +42,7 @@ def prefill_full_blocks(runner: ModelRunner, seq: RunnerSequence, num_blocks: in
 
 def export_blocks(runner: ModelRunner, seq: RunnerSequence, first: int, last: int) -> list[np.ndarray]:
     """Copies of blocks ``[first, last)`` as byte arrays, (L, 2, bs, kvh, hd) each in memory."""
-    return [runner.export_block(seq, i).contiguous().clone().view(torch.uint8).cpu().numpy()
+    return [runner.export_block(seq, i).cpu().view(torch.uint8).numpy().copy()
             for i in range(first, last)]
 
 
