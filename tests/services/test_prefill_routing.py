@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+from prefill_service.worker import PUBLISH_CHUNK_BLOCKS
 from protos.kvrelay.v1 import generation_pb2 as pb
 from protos.kvrelay.v1 import generation_pb2_grpc as pb_grpc
 from tests.services.conftest import BLOCK_SIZE, Cluster, Reference, Worker
@@ -41,3 +42,14 @@ def test_a_short_tail_on_a_long_cached_prefix_is_computed_on_decode(
     reply = _generate(decode, long)
     assert prefill.metric(COMPUTED) == before + 7 * BLOCK_SIZE
     assert list(reply.token_ids) == reference.greedy(long, 6)
+
+
+def test_a_prompt_of_several_publish_chunks_is_stored_whole(
+        cluster: Cluster, reference: Reference) -> None:
+    rng = random.Random(6)
+    prompt = _ids(rng, (2 * PUBLISH_CHUNK_BLOCKS + 3) * BLOCK_SIZE + 5)
+    first = _generate(cluster.decodes[0], prompt)
+    again = _generate(cluster.decodes[1], prompt)
+    assert first.usage.cached_prompt_tokens == 0
+    assert again.usage.cached_prompt_tokens == (2 * PUBLISH_CHUNK_BLOCKS + 3) * BLOCK_SIZE
+    assert list(first.token_ids) == list(again.token_ids) == reference.greedy(prompt, 6)
