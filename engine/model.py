@@ -171,8 +171,9 @@ class LlamaForCausalLM(nn.Module):
         """Lay weights out for inference (call once weights are loaded and placed).
 
         q/k/v and gate/up are concatenated; every projection is stored column-major with the
-        HF-named parameters left as views. A tied head gets its own column-major copy (the
-        embedding keeps rows for lookups), so reload weights before fusing, not after.
+        HF-named parameters left as views. A tied head gets its own column-major copy for
+        single-row logits (the embedding keeps rows, for lookups and for several rows of
+        logits), so reload weights before fusing, not after.
         """
         for module in self.modules():
             if isinstance(module, (LlamaAttention, LlamaMLP)):
