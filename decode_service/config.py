@@ -20,6 +20,8 @@ class DecodeConfig(WorkerConfig):
     prefill_timeout_s: float = setting(30.0, "deadline of one Prefill call")
     max_new_tokens_limit: int = setting(4096, "largest max_new_tokens a request may ask for")
     max_prompt_chars: int = setting(1_000_000, "largest prompt text, in characters")
+    max_prompt_tokens: int = setting(0, "most prompt tokens a request may send, after "
+                                        "tokenization (0: the model's context window)")
     publish_local_blocks: bool = setting(
         True, "publish the blocks this worker computed itself (false: read-only store access "
               "is enough; only prefill workers write)")
@@ -33,5 +35,7 @@ class DecodeConfig(WorkerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.max_prompt_tokens < 0:
+            raise ValueError("max_prompt_tokens must be >= 0")
         if self.prefill_threshold_tokens < 1 or self.max_new_tokens_limit < 1:
             raise ValueError("prefill_threshold_tokens and max_new_tokens_limit must be positive")

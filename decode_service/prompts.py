@@ -36,11 +36,15 @@ def prompt_ids(tokenizer: Tokenizer, req: GenerationRequest) -> list[int]:
 
 
 def check_prompt(req: GenerationRequest, ids: list[int], config: ModelConfig, block_size: int,
-                 num_blocks: int) -> None:
-    """Ids in the vocabulary, within the context window, sampling valid, fits the KV pool."""
+                 num_blocks: int, max_prompt_tokens: int = 0) -> None:
+    """Ids in the vocabulary, within the context window and ``max_prompt_tokens`` (0: no
+    limit beyond the window), sampling valid, fits the KV pool."""
     field = req.input_field
     if not ids:
         raise invalid_argument(field, "encodes to no tokens")
+    if max_prompt_tokens and len(ids) > max_prompt_tokens:
+        raise invalid_argument(field, f"{len(ids)} tokens exceed this worker's limit of "
+                                      f"{max_prompt_tokens} prompt tokens")
     if min(ids) < 0 or max(ids) >= config.vocab_size:
         raise invalid_argument(field, f"token ids must be in [0, {config.vocab_size})")
     if len(ids) >= config.max_position_embeddings:

@@ -120,7 +120,8 @@ class DecodeWorker:
         """The checked prompt ids and the chained hashes of its full blocks."""
         rt = self.runtime
         ids = prompt_ids(rt.loaded.tokenizer, req)
-        check_prompt(req, ids, rt.loaded.config, rt.spec.block_size, self.config.num_blocks)
+        check_prompt(req, ids, rt.loaded.config, rt.spec.block_size, self.config.num_blocks,
+                     self.config.max_prompt_tokens)
         return ids, rt.cache.block_hashes(ids, req.cache_salt)
 
     # -- store and prefill worker -------------------------------------------------------

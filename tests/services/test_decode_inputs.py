@@ -58,3 +58,17 @@ def test_a_chat_template_that_refuses_the_messages_is_invalid_argument(tiny_mode
     with pytest.raises(ServiceError, match="no chat template"):
         render_chat(without, _chat())
     assert "hi" in render_chat(base, _chat())
+
+
+def test_prompt_token_limit_names_the_input_field(tiny_model_dir: Path) -> None:
+    from decode_service.prompts import check_prompt, prompt_ids
+    from engine.loader import load_model
+
+    loaded = load_model(str(tiny_model_dir))
+    req = to_request(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 40)), **LIMITS)
+    ids = prompt_ids(loaded.tokenizer, req)
+    check_prompt(req, ids, loaded.config, 16, 64, max_prompt_tokens=40)  # at the limit: fine
+    with pytest.raises(ServiceError) as err:
+        check_prompt(req, ids, loaded.config, 16, 64, max_prompt_tokens=39)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.message.startswith("token_ids: 40 tokens exceed")
