@@ -69,6 +69,8 @@ class KVPool:
     def __init__(self, num_blocks: int, num_layers: int, block_size: int, num_kv_heads: int,
                  head_dim: int, *, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
         self.block_size = block_size
+        self.wire_dtype = dtype
+        """The dtype of blocks going to and from the store (``import_block`` converts)."""
         self.tensor = torch.zeros(num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim,
                                   dtype=dtype, device=device)
 
@@ -89,9 +91,13 @@ class KVPool:
         return self.tensor[block]
 
     def import_block(self, block: int, payload: object) -> None:
-        """Copy one block's K/V in from a tensor or any bytes-like object (one copy)."""
+        """Copy one block's K/V in from a tensor or any bytes-like object (one copy); bytes
+        are read as ``wire_dtype`` and converted to the pool's dtype by that copy."""
         src = payload if isinstance(payload, torch.Tensor) else _tensor_from_buffer(
-            payload, self.tensor.dtype)
+            payload, self.wire_dtype)
+        if src.dtype != self.tensor.dtype and src.dtype == self.wire_dtype:
+            self._import_converted(block, src)
+            return
         if src.numel() * src.element_size() != self.block_nbytes or src.dtype != self.tensor.dtype:
             raise ValueError(
                 f"block payload is {src.numel() * src.element_size()} bytes of {src.dtype}, "
@@ -101,6 +107,13 @@ class KVPool:
             np.copyto(_byte_array(dst), _byte_array(src))
         else:
             dst.copy_(src.reshape(self.block_shape))
+
+    def _import_converted(self, block: int, src: torch.Tensor) -> None:
+        """One conversion-copy of a ``wire_dtype`` block into the pool's dtype."""
+        if src.numel() != self.tensor[block].numel():
+            raise ValueError(f"block payload has {src.numel()} {src.dtype} elements, "
+                             f"expected {self.tensor[block].numel()}")
+        self.tensor[block].copy_(src.reshape(self.block_shape))
 
 
 def _byte_array(t: torch.Tensor) -> np.ndarray:

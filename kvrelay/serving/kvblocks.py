@@ -41,15 +41,36 @@ def prefill_full_blocks(runner: ModelRunner, seq: RunnerSequence, num_blocks: in
 
 
 def export_blocks(runner: ModelRunner, seq: RunnerSequence, first: int, last: int) -> list[np.ndarray]:
-    """Copies of blocks ``[first, last)`` as byte arrays, (L, 2, bs, kvh, hd) each in memory."""
+    """Copies of blocks ``[first, last)`` as byte arrays, (L, 2, bs, kvh, hd) each in memory,
+    in the pool's wire dtype."""
+    if _converts(runner):
+        return wire_blocks(runner, seq, first, last)
     return [runner.export_block(seq, i).cpu().view(torch.uint8).numpy().copy()
             for i in range(first, last)]
 
 
 def block_views(runner: ModelRunner, seq: RunnerSequence, first: int, last: int) -> list[np.ndarray]:
     """Blocks ``[first, last)`` as byte arrays viewing the pool (no copy): valid only while
-    ``seq`` holds its blocks and nothing writes them."""
+    ``seq`` holds its blocks and nothing writes them. With a wire dtype other than the
+    pool's, they are converted copies instead."""
+    if _converts(runner):
+        return wire_blocks(runner, seq, first, last)
     return [runner.export_block(seq, i).view(torch.uint8).numpy() for i in range(first, last)]
+
+
+def wire_blocks(runner: ModelRunner, seq: RunnerSequence, first: int, last: int) -> list[np.ndarray]:
+    """Blocks ``[first, last)`` converted to the pool's wire dtype (one conversion each) into
+    one buffer ``(n, L, 2, bs, kvh, hd)``; returns its blocks as byte arrays."""
+    pool = runner.kv
+    assert pool is not None
+    out = torch.empty((last - first, *pool.block_shape), dtype=pool.wire_dtype)
+    for j, i in enumerate(range(first, last)):
+        out[j].copy_(runner.export_block(seq, i))
+    return list(out.view(torch.uint8).numpy())  # (n, L, 2, bs, kvh, hd * element size)
+
+
+def _converts(runner: ModelRunner) -> bool:
+    return runner.kv is not None and runner.kv.wire_dtype != runner.kv.tensor.dtype
 
 
 def collect_payloads(payloads: list[bytes]) -> Callable[[int, memoryview], None]:

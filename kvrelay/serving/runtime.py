@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
+
 from cachestore.codec import CODEC_VERSION, LAYOUT, BlockSpec
 from cachestore.fingerprint import model_fingerprint
 from cachestore.kvstore import PrefixCache
@@ -31,14 +33,22 @@ def kv_dtype_name(runner: ModelRunner) -> str:
     return str(runner.dtype).removeprefix("torch.")
 
 
-def block_spec(loaded: LoadedModel, runner: ModelRunner) -> BlockSpec:
-    """The shape and fingerprint of this worker's KV blocks."""
+def block_spec(loaded: LoadedModel, runner: ModelRunner, wire_dtype: str = "native") -> BlockSpec:
+    """The shape and fingerprint of this worker's KV blocks, whose payload is ``wire_dtype``
+    ("native": the pool's dtype)."""
     cfg = loaded.config
-    fingerprint = model_fingerprint(cfg.canonical_json(), loaded.weights_digest,
-                                    kv_dtype_name(runner), runner.block_size, LAYOUT,
-                                    CODEC_VERSION)
-    return BlockSpec(fingerprint, kv_dtype_name(runner), cfg.num_layers, runner.block_size,
+    kv_dtype = kv_dtype_name(runner)
+    wire = kv_dtype if wire_dtype == "native" else wire_dtype
+    fingerprint = model_fingerprint(cfg.canonical_json(), loaded.weights_digest, kv_dtype,
+                                    runner.block_size, LAYOUT, CODEC_VERSION, wire)
+    return BlockSpec(fingerprint, wire, cfg.num_layers, runner.block_size,
                      cfg.num_kv_heads, cfg.head_dim)
+
+
+def set_wire_dtype(runner: ModelRunner, spec: BlockSpec) -> None:
+    """Make the runner's pool read and write blocks in the spec's payload dtype."""
+    if runner.kv is not None:
+        runner.kv.wire_dtype = getattr(torch, spec.kv_dtype)
 
 
 def open_store(config: WorkerConfig) -> BlockStore:
@@ -90,7 +100,9 @@ def build_runtime(config: WorkerConfig, metrics: WorkerMetrics) -> Runtime:
                         device=config.device)
     runner = ModelRunner(loaded, num_blocks=config.num_blocks, block_size=config.block_size)
     store = open_store(config)
-    cache = PrefixCache(store, block_spec(loaded, runner), ttl_s=config.block_ttl_s or None)
+    spec = block_spec(loaded, runner, config.kv_wire_dtype)
+    set_wire_dtype(runner, spec)
+    cache = PrefixCache(store, spec, ttl_s=config.block_ttl_s or None)
     metrics.watch_store(store.stats.snapshot)
     metrics.kv_total.set(config.num_blocks)
     log.info("model loaded", extra={"model": loaded.name, "fingerprint": cache.spec.fingerprint,

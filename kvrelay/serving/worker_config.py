@@ -8,6 +8,8 @@ from cachestore.kvstore import DEFAULT_BLOCK_SIZE
 from kvrelay.serving.settings import setting
 from kvrelay.serving.tls import is_loopback
 
+KV_WIRE_DTYPES = ("native", "bfloat16")
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -33,6 +35,9 @@ class WorkerConfig:
     store_threads: int = setting(4, "threads doing store I/O")
     block_size: int = setting(DEFAULT_BLOCK_SIZE, "tokens per KV block (part of the model "
                                   "fingerprint; every worker sharing a store must agree)")
+    kv_wire_dtype: str = setting("native", "dtype of KV blocks in the store: native (the pool's "
+                                           "dtype) or bfloat16 (half the bytes of float32; "
+                                           "part of the model fingerprint)")
     num_blocks: int = setting(1024, "KV blocks in this worker's pool (x block_size tokens; "
                                     "SmolLM2-135M in float32 keeps 46 KB of K/V per token)")
     max_batch_size: int = setting(16, "most sequences in one forward pass")
@@ -54,6 +59,8 @@ class WorkerConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
 
+        if self.kv_wire_dtype not in KV_WIRE_DTYPES:
+            raise ValueError(f"kv_wire_dtype must be one of {', '.join(KV_WIRE_DTYPES)}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if not (self.tls or is_loopback(self.host) or self.allow_plaintext):

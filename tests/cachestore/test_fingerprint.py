@@ -29,6 +29,11 @@ def test_config_key_order_and_whitespace_do_not_matter() -> None:
     ("block_size", 32),
     ("layout", "other"),
     ("codec_version", CODEC_VERSION + 1),
+    ("wire_dtype", "bfloat16"),
 ])
 def test_every_field_changes_the_fingerprint(field: str, value: object) -> None:
     assert model_fingerprint(**BASE | {field: value}) != model_fingerprint(**BASE)
+
+
+def test_a_wire_dtype_equal_to_the_kv_dtype_keeps_the_native_fingerprint() -> None:
+    assert model_fingerprint(**BASE | {"wire_dtype": "float32"}) == model_fingerprint(**BASE)
