@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.kvwire import PROMPTS, measure
 from cachestore.codec import HEADER_SIZE, decode_block
 from cachestore.hashing import block_key, hash_block_chain
 from cachestore.kvstore import PrefixCache
@@ -108,3 +109,10 @@ def test_workers_with_a_bf16_wire_serve_a_prompt_from_half_sized_blocks(
     client = store.client()
     assert [client.strlen(k) for k in keys] == [HEADER_SIZE + native.payload_nbytes // 2] * 8
     assert list(reply.token_ids) == reference.greedy(ids, 6)
+
+
+def test_the_wire_bench_reports_half_sized_bf16_blocks(loaded: LoadedModel) -> None:
+    rows = measure(loaded)
+    assert rows["bfloat16"]["bytes"] - HEADER_SIZE == (rows["native"]["bytes"] - HEADER_SIZE) / 2
+    assert rows["native"]["max_diff"] < 1e-4 < rows["bfloat16"]["max_diff"]
+    assert rows["native"]["same"] == len(PROMPTS)
