@@ -14,7 +14,10 @@ A stored value is a 96-byte header followed by the block's raw K/V payload::
                                 every token before it, the salt and the fingerprint)
         80    8 payload length  bytes (uint64)
         88    8 checksum        xxh3-64 over header bytes [0, 88) and the payload
-        96    - payload         the K/V of every layer, C order, little-endian
+        96    - payload         the K/V of every layer, C order, little-endian, in the
+                                dtype of the dtype code; an int8 payload starts with a
+                                float32 scale per (layer, K/V), (num_layers, 2), then the
+                                int8 values (K/V = value x its scale)
 
 All integers are little-endian. Decoding uses ``struct`` and ``memoryview`` slicing only;
 anything that does not verify raises ``BlockRejected`` with a reason and is never used.
@@ -48,6 +51,7 @@ DTYPES: dict[str, tuple[int, int]] = {
     "float32": (1, 4),
     "float16": (2, 2),
     "bfloat16": (3, 2),
+    "int8": (4, 1),
 }
 """KV dtype name -> (code in the header, bytes per element)."""
 
@@ -103,8 +107,13 @@ class BlockSpec:
         return (self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
 
     @property
+    def scales_nbytes(self) -> int:
+        """The float32 scales in front of an int8 payload, one per (layer, K/V); else 0."""
+        return self.num_layers * 2 * 4 if self.kv_dtype == "int8" else 0
+
+    @property
     def payload_nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.kv_dtype][1]
+        return self.scales_nbytes + math.prod(self.shape) * DTYPES[self.kv_dtype][1]
 
     @property
     def value_nbytes(self) -> int:

@@ -93,6 +93,9 @@ class KVPool:
     def import_block(self, block: int, payload: object) -> None:
         """Copy one block's K/V in from a tensor or any bytes-like object (one copy); bytes
         are read as ``wire_dtype`` and converted to the pool's dtype by that copy."""
+        if self.wire_dtype == torch.int8 and not isinstance(payload, torch.Tensor):
+            self._import_int8(block, payload)
+            return
         src = payload if isinstance(payload, torch.Tensor) else _tensor_from_buffer(
             payload, self.wire_dtype)
         if src.dtype != self.tensor.dtype and src.dtype == self.wire_dtype:
@@ -114,6 +117,18 @@ class KVPool:
             raise ValueError(f"block payload has {src.numel()} {src.dtype} elements, "
                              f"expected {self.tensor[block].numel()}")
         self.tensor[block].copy_(src.reshape(self.block_shape))
+
+    def _import_int8(self, block: int, payload: object) -> None:
+        """An int8 block: float32 scales ``(L, 2)`` then int8 K/V; K/V = int8 x scale."""
+        num_scales = self.block_shape[0] * 2
+        raw = _tensor_from_buffer(payload, torch.uint8)
+        if raw.numel() != num_scales * 4 + self.tensor[block].numel():
+            raise ValueError(f"int8 block payload is {raw.numel()} bytes, expected "
+                             f"{num_scales * 4 + self.tensor[block].numel()}")
+        scales = raw[:num_scales * 4].view(torch.float32).view(-1, 2, 1, 1, 1)  # (L, 2, 1, 1, 1)
+        dst = self.tensor[block]
+        dst.copy_(raw[num_scales * 4:].view(torch.int8).view(self.block_shape))
+        dst.mul_(scales.to(dst.device, dst.dtype))
 
 
 def _byte_array(t: torch.Tensor) -> np.ndarray:

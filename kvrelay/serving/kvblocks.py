@@ -63,10 +63,22 @@ def wire_blocks(runner: ModelRunner, seq: RunnerSequence, first: int, last: int)
     one buffer ``(n, L, 2, bs, kvh, hd)``; returns its blocks as byte arrays."""
     pool = runner.kv
     assert pool is not None
+    if pool.wire_dtype == torch.int8:
+        return [int8_block(runner.export_block(seq, i)) for i in range(first, last)]
     out = torch.empty((last - first, *pool.block_shape), dtype=pool.wire_dtype)
     for j, i in enumerate(range(first, last)):
         out[j].copy_(runner.export_block(seq, i))
     return list(out.view(torch.uint8).numpy())  # (n, L, 2, bs, kvh, hd * element size)
+
+
+def int8_block(block: torch.Tensor) -> np.ndarray:
+    """``block`` (L, 2, bs, kvh, hd) as an int8 payload: float32 scales (L, 2), each the
+    largest |value| of its layer's K or V over 127, then round(value / scale) as int8."""
+    x = block.detach().to("cpu", torch.float32)
+    scales = (x.abs().amax(dim=(2, 3, 4)) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # (L, 2)
+    q = torch.round(x / scales[:, :, None, None, None]).to(torch.int8)  # (L, 2, bs, kvh, hd)
+    return np.concatenate([scales.numpy().view(np.uint8).reshape(-1),
+                           q.numpy().view(np.uint8).reshape(-1)])
 
 
 def _converts(runner: ModelRunner) -> bool:

@@ -8,7 +8,7 @@ from cachestore.kvstore import DEFAULT_BLOCK_SIZE
 from kvrelay.serving.settings import setting
 from kvrelay.serving.tls import is_loopback
 
-KV_WIRE_DTYPES = ("native", "bfloat16")
+KV_WIRE_DTYPES = ("native", "bfloat16", "int8")
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,9 @@ class WorkerConfig:
     block_size: int = setting(DEFAULT_BLOCK_SIZE, "tokens per KV block (part of the model "
                                   "fingerprint; every worker sharing a store must agree)")
     kv_wire_dtype: str = setting("native", "dtype of KV blocks in the store: native (the pool's "
-                                           "dtype) or bfloat16 (half the bytes of float32; "
-                                           "part of the model fingerprint)")
+                                           "dtype), bfloat16 (half the bytes of float32) or "
+                                           "int8 (a quarter, with a scale per layer and K/V); "
+                                           "part of the model fingerprint")
     num_blocks: int = setting(1024, "KV blocks in this worker's pool (x block_size tokens; "
                                     "SmolLM2-135M in float32 keeps 46 KB of K/V per token)")
     max_batch_size: int = setting(16, "most sequences in one forward pass")

@@ -116,3 +116,26 @@ def test_the_wire_bench_reports_half_sized_bf16_blocks(loaded: LoadedModel) -> N
     assert rows["bfloat16"]["bytes"] - HEADER_SIZE == (rows["native"]["bytes"] - HEADER_SIZE) / 2
     assert rows["native"]["max_diff"] < 1e-4 < rows["bfloat16"]["max_diff"]
     assert rows["native"]["same"] == len(PROMPTS)
+    assert rows["int8"]["bytes"] < rows["native"]["bytes"] / 4 + HEADER_SIZE + 1024
+
+
+def test_an_int8_wire_round_trip_is_within_half_a_step_of_its_scale(loaded: LoadedModel) -> None:
+    runner, cache = _runner(loaded, "int8")
+    native = block_spec(loaded, runner)
+    assert cache.spec.fingerprint not in (native.fingerprint,
+                                          block_spec(loaded, runner, "bfloat16").fingerprint)
+    assert cache.spec.payload_nbytes == native.payload_nbytes // 4 + cache.spec.scales_nbytes
+    seq = _prefilled(runner, 2)
+    hashes = cache.block_hashes(seq.token_ids)
+    assert cache.publish(hashes, block_views(runner, seq, 0, 2)) == 2
+
+    payloads: list[bytes] = []
+    assert cache.fetch_prefix(hashes, collect_payloads(payloads)) == 2
+    other, _ = _runner(loaded, "int8")
+    into = Sequence("into", list(seq.token_ids))
+    other.import_blocks(into, payloads)
+    for i in range(2):
+        sent = runner.export_block(seq, i)  # (L, 2, bs, kvh, hd) float32
+        step = sent.abs().amax(dim=(2, 3, 4), keepdim=True) / 127  # (L, 2, 1, 1, 1)
+        error = (other.export_block(into, i) - sent).abs()
+        assert bool((error <= step * 0.5001).all()) and float(error.max()) > 0
