@@ -59,8 +59,9 @@ def block_views(runner: ModelRunner, seq: RunnerSequence, first: int, last: int)
 
 
 def wire_blocks(runner: ModelRunner, seq: RunnerSequence, first: int, last: int) -> list[np.ndarray]:
-    """Blocks ``[first, last)`` converted to the pool's wire dtype (one conversion each) into
-    one buffer ``(n, L, 2, bs, kvh, hd)``; returns its blocks as byte arrays."""
+    """Blocks ``[first, last)`` converted to the pool's wire dtype, as byte arrays: a float
+    wire dtype converts each block once into one buffer ``(n, L, 2, bs, kvh, hd)``, int8
+    quantizes each block into its own payload (``int8_block``)."""
     pool = runner.kv
     assert pool is not None
     if pool.wire_dtype == torch.int8:
