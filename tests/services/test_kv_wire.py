@@ -1,5 +1,7 @@
-"""The bfloat16 KV wire format on a float32 pool: blocks are stored at half the bytes,
-under their own fingerprint, and come back as float32 -> bfloat16 -> float32."""
+"""Reduced KV wire formats on a float32 pool: bfloat16 blocks are stored at half the
+bytes and come back as float32 -> bfloat16 -> float32; int8 blocks at a quarter (plus
+their scales) and come back within half a quantization step; each under its own
+fingerprint, and workers using them serve a prompt from the store."""
 
 from __future__ import annotations
 
@@ -23,8 +25,6 @@ from protos.kvrelay.v1 import generation_pb2 as pb
 from protos.kvrelay.v1 import generation_pb2_grpc as pb_grpc
 from tests.services.conftest import BLOCK_SIZE, Reference, start_worker
 from tests.support.redis_server import RedisServer
-
-WIRE = ("--kv-wire-dtype", "bfloat16")
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +83,19 @@ def test_bf16_blocks_are_half_the_bytes_under_their_own_fingerprint(loaded: Load
     assert native_runner.kv is not None and native_runner.kv.wire_dtype == torch.float32
 
 
-def test_workers_with_a_bf16_wire_serve_a_prompt_from_half_sized_blocks(
-        store: RedisServer, tiny_model_dir: Path, reference: Reference,
-        tmp_path: Path) -> None:
-    prefill = start_worker("prefill", tiny_model_dir, store.url(), tmp_path, extra=WIRE)
+@pytest.mark.parametrize("wire_dtype,shrink", [("bfloat16", 2), ("int8", 4)])
+def test_workers_with_a_reduced_wire_serve_a_prompt_from_smaller_blocks(
+        store: RedisServer, tiny_model_dir: Path, reference: Reference, tmp_path: Path,
+        wire_dtype: str, shrink: int) -> None:
+    flags = ("--kv-wire-dtype", wire_dtype)
+    prefill = start_worker("prefill", tiny_model_dir, store.url(), tmp_path, extra=flags)
     try:
         decode = start_worker("decode", tiny_model_dir, store.url(), tmp_path,
-                              prefill_addr=prefill.addr, extra=WIRE)
+                              prefill_addr=prefill.addr, extra=flags)
         try:
             rng = random.Random(11)
             ids = [rng.randrange(3, 700) for _ in range(8 * BLOCK_SIZE + 8)]
-            request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), cache_salt="wire",
+            request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), cache_salt=wire_dtype,
                                          sampling=pb.SamplingParams(max_new_tokens=6))
             with decode.channel() as channel:
                 reply = pb_grpc.GenerationStub(channel).Generate(request, timeout=60.0)
@@ -102,12 +104,12 @@ def test_workers_with_a_bf16_wire_serve_a_prompt_from_half_sized_blocks(
     finally:
         prefill.stop()
     runner = ModelRunner(reference.loaded, num_blocks=1, block_size=BLOCK_SIZE)
-    native, wire = block_spec(reference.loaded, runner), block_spec(reference.loaded, runner,
-                                                                    "bfloat16")
+    native = block_spec(reference.loaded, runner)
+    wire = block_spec(reference.loaded, runner, wire_dtype)
     keys = [block_key(wire.fingerprint, h)
-            for h in hash_block_chain(ids, BLOCK_SIZE, wire.fingerprint, "wire")]
-    client = store.client()
-    assert [client.strlen(k) for k in keys] == [HEADER_SIZE + native.payload_nbytes // 2] * 8
+            for h in hash_block_chain(ids, BLOCK_SIZE, wire.fingerprint, wire_dtype)]
+    stored = HEADER_SIZE + native.payload_nbytes // shrink + wire.scales_nbytes
+    assert [store.client().strlen(k) for k in keys] == [stored] * 8
     assert list(reply.token_ids) == reference.greedy(ids, 6)
 
 
