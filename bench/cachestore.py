@@ -10,7 +10,12 @@ persisted) in the same run:
 * ``kvrelay``: ``PrefixCache.publish`` (encode + pipelined SET NX) and
   ``PrefixCache.fetch_prefix`` (pipelined GET in batches + full verification; the sink
   does nothing, since importing into the KV pool is the engine's copy).
-* ``redis_py``: a redis-py pipeline of plain SET / GET of the encoded values.
+* ``redis_py``: a redis-py pipeline of plain SET / GET of the encoded values, with hiredis
+  (``pip install redis[hiredis]``, the usual production install): hiredis parses replies
+  in C, and its command packer copies every value it sends into one new bytes object.
+* ``redis_py_pure``: the same pipeline with redis-py's pure-Python packer and parser (what
+  redis-py does without hiredis): its packer sends values over 6000 bytes as separate
+  buffers without copying them, its parser is slow on large replies.
 * ``socket``: a minimal plain-socket RESP client (sendall per buffer, recv_into one
   preallocated buffer): roughly what the wire and the server allow.
 
@@ -37,6 +42,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import redis
+from redis._parsers import _HiredisParser, _RESP2Parser
+from redis._parsers.encoders import Encoder
+from redis.connection import HiredisRespSerializer, PythonRespSerializer
+from redis.utils import HIREDIS_AVAILABLE
 
 from cachestore.codec import BlockSpec, encode_block
 from cachestore.kvstore import DEFAULT_BLOCK_SIZE, PrefixCache
@@ -47,7 +56,7 @@ from tests.support.redis_server import RedisServer, start_redis
 SMOLLM2_135M = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64}
 TOKENS = 2048
 DTYPES = ("float32", "bfloat16")
-CLIENTS = ("kvrelay", "redis_py", "socket")
+CLIENTS = ("kvrelay", "redis_py", "redis_py_pure", "socket")
 FINGERPRINT = "00112233445566778899aabbccddeeff"
 
 
@@ -113,11 +122,23 @@ class SocketClient:
         self.sock.close()
 
 
+def redis_py_client(port: int, *, hiredis: bool) -> redis.Redis:
+    """A redis-py client with hiredis's packer and parser, or with the pure-Python ones."""
+    if hiredis and not HIREDIS_AVAILABLE:
+        raise SystemExit("bench.cachestore compares with redis-py + hiredis: pip install hiredis "
+                         "(or pip install -e '.[test]')")
+    packer = HiredisRespSerializer() if hiredis else PythonRespSerializer(
+        6000, Encoder("utf-8", "strict", False).encode)  # redis-py's own buffer cutoff
+    pool = redis.ConnectionPool(port=port, socket_timeout=30, command_packer=packer,
+                                parser_class=_HiredisParser if hiredis else _RESP2Parser)
+    return redis.Redis(connection_pool=pool)
+
+
 def _reply_bytes(values: list[bytes]) -> int:
     return sum(len(b"$%d\r\n" % len(v)) + len(v) + 2 for v in values)
 
 
-def _operations(work: Workload, admin: redis.Redis, sock: SocketClient
+def _operations(work: Workload, admin: redis.Redis, pure: redis.Redis, sock: SocketClient
                 ) -> dict[tuple[str, str], tuple[Callable[[], None], Callable[[], object]]]:
     """(op, client) -> (setup, timed call)."""
     def flush() -> None:
@@ -128,14 +149,14 @@ def _operations(work: Workload, admin: redis.Redis, sock: SocketClient
     def nothing() -> None:
         return None
 
-    def redis_py_put() -> None:
-        pipe = admin.pipeline(transaction=False)
+    def redis_py_put(client: redis.Redis) -> None:
+        pipe = client.pipeline(transaction=False)
         for key, value in zip(work.keys, work.values):
             pipe.set(key, value)
         pipe.execute()
 
-    def redis_py_get() -> object:
-        pipe = admin.pipeline(transaction=False)
+    def redis_py_get(client: redis.Redis) -> object:
+        pipe = client.pipeline(transaction=False)
         for key in work.keys:
             pipe.get(key)
         return pipe.execute()
@@ -143,11 +164,13 @@ def _operations(work: Workload, admin: redis.Redis, sock: SocketClient
     total = _reply_bytes(work.values)
     return {
         ("put", "kvrelay"): (flush, lambda: work.cache.publish(work.hashes, work.payloads)),
-        ("put", "redis_py"): (flush, redis_py_put),
+        ("put", "redis_py"): (flush, lambda: redis_py_put(admin)),
+        ("put", "redis_py_pure"): (flush, lambda: redis_py_put(pure)),
         ("put", "socket"): (flush, lambda: sock.put(work.keys, work.values)),
         ("get", "kvrelay"): (nothing, lambda: work.cache.fetch_prefix(work.hashes,
                                                                      lambda i, p: None)),
-        ("get", "redis_py"): (nothing, redis_py_get),
+        ("get", "redis_py"): (nothing, lambda: redis_py_get(admin)),
+        ("get", "redis_py_pure"): (nothing, lambda: redis_py_get(pure)),
         ("get", "socket"): (nothing, lambda: sock.get(work.keys, total)),
     }
 
@@ -174,9 +197,10 @@ def _timed(admin: redis.Redis, call: Callable[[], object]) -> Run:
 
 
 def measure(work: Workload, server: RedisServer, repeat: int) -> list[dict[str, object]]:
-    admin = redis.Redis(port=server.port, socket_timeout=30)
+    admin = redis_py_client(server.port, hiredis=True)
+    pure = redis_py_client(server.port, hiredis=False)
     sock = SocketClient(server.port)
-    ops = _operations(work, admin, sock)
+    ops = _operations(work, admin, pure, sock)
     runs: dict[tuple[str, str], list[Run]] = {key: [] for key in ops}
     try:
         for op in ("put", "get"):
@@ -188,6 +212,7 @@ def measure(work: Workload, server: RedisServer, repeat: int) -> list[dict[str, 
             _check_stored(work)
     finally:
         sock.close()
+        pure.close()
         admin.close()
     return [_row(work, op, {c: runs[(op, c)][1:] for c in CLIENTS}) for op in ("put", "get")]
 
@@ -212,8 +237,9 @@ def _row(work: Workload, op: str, runs: dict[str, list[Run]]) -> dict[str, objec
             1e3 * statistics.median(r.client_cpu for r in client_runs), 1)
         row[f"{client}_server_cpu_ms"] = round(
             1e3 * statistics.median(r.server_cpu for r in client_runs), 1)
-    row["kvrelay_vs_redis_py"] = round(
-        float(row["kvrelay_mb_s"]) / float(row["redis_py_mb_s"]), 2)  # type: ignore[arg-type]
+    for peer in ("redis_py", "redis_py_pure"):
+        row[f"kvrelay_vs_{peer}"] = round(
+            float(row["kvrelay_mb_s"]) / float(row[f"{peer}_mb_s"]), 2)  # type: ignore[arg-type]
     return row
 
 
@@ -222,17 +248,23 @@ def _cpu(row: dict[str, object], client: str) -> str:
 
 
 def _table(rows: list[dict[str, object]]) -> str:
-    head = (f"{'dtype':<9}{'block':>6} {'op':<4}{'MiB':>4}{'kvrelay':>9}{'redis-py':>9}"
-            f"{'socket':>8}{'x r-py':>7}" + "".join(f"{c:>14}" for c in CLIENTS))
+    """MB/s of each client, kvrelay's ratio to each redis-py, then CPU ms per operation."""
+    names = {"kvrelay": "kvrelay", "redis_py": "r-py+hir", "redis_py_pure": "r-py pure",
+             "socket": "socket"}
+    head = (f"{'dtype':<9}{'block':>6} {'op':<4}{'MiB':>4}"
+            + "".join(f"{names[c]:>10}" for c in CLIENTS)
+            + f"{'x r-py+hir':>11}{'x pure':>7}" + "".join(f"{names[c]:>13}" for c in CLIENTS))
+    width = 23 + 10 * len(CLIENTS) + 18
     lines = ["MB/s: median of the runs; CPU: client ms / server ms per operation",
-             f"{'':<57}{' CPU ms, client/server ':-^42}",
+             f"{'':<{width}}{' CPU ms, client/server ':-^{13 * len(CLIENTS)}}",
              head, "-" * len(head)]
     for r in rows:
-        cpu = "".join(f"{_cpu(r, c):>14}" for c in CLIENTS)
+        speeds = "".join(f"{r[c + '_mb_s']:>10}" for c in CLIENTS)
+        cpu = "".join(f"{_cpu(r, c):>13}" for c in CLIENTS)
         lines.append(
             f"{r['dtype']:<9}{r['block_size']:>6} {r['op']:<4}"
-            f"{int(r['payload_bytes']) / 2**20:>4.0f}{r['kvrelay_mb_s']:>9}"  # type: ignore[call-overload]
-            f"{r['redis_py_mb_s']:>9}{r['socket_mb_s']:>8}{r['kvrelay_vs_redis_py']:>7}{cpu}")
+            f"{int(r['payload_bytes']) / 2**20:>4.0f}{speeds}"  # type: ignore[call-overload]
+            f"{r['kvrelay_vs_redis_py']:>11}{r['kvrelay_vs_redis_py_pure']:>7}{cpu}")
     return "\n".join(lines)
 
 
@@ -259,6 +291,14 @@ def _seconds(call: Callable[[], object]) -> float:
     started = time.perf_counter()
     call()
     return time.perf_counter() - started
+
+
+def _hiredis_version() -> str | None:
+    try:
+        from importlib.metadata import version
+        return version("hiredis")
+    except Exception:  # noqa: BLE001 (not installed)
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -289,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
             json.dump({"results": rows, "per_block_us": per_block, "tokens": TOKENS,
                        "model_shape": SMOLLM2_135M,
                        "repeat": args.repeat, "cpus": os.cpu_count(),
-                       "python": platform.python_version(), "redis_py": redis.__version__},
+                       "python": platform.python_version(), "redis_py": redis.__version__,
+                       "hiredis": _hiredis_version()},
                       out, indent=2)
 
 
