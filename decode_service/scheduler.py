@@ -176,12 +176,16 @@ class BatchScheduler:
     def _step(self) -> None:
         outputs: list[StepOutput] = self.engine.step()
         self._metrics.kv_used.set(used_blocks(self.engine.runner))
+        deliveries: list[tuple[asyncio.Queue[Any], StepOutput]] = []
         for out in outputs:
             events = self._queues.get(out.seq_id)
             if events is not None:
-                self._send(events, out)
+                deliveries.append((events, out))
             if out.finished:
                 self._queues.pop(out.seq_id, None)
+        if deliveries:  # one wake-up of the event loop per step, not one per request
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(_deliver, deliveries)
 
     def _fail_all(self, exc: Exception) -> None:
         for seq_id, events in list(self._queues.items()):
@@ -191,3 +195,8 @@ class BatchScheduler:
         self._unpublished.clear()
         while self._deferred:
             self._send(self._deferred.popleft().events, exc)
+
+
+def _deliver(deliveries: list[tuple[asyncio.Queue[Any], StepOutput]]) -> None:
+    for events, out in deliveries:
+        events.put_nowait(out)

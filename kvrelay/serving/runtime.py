@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +50,13 @@ def set_wire_dtype(runner: ModelRunner, spec: BlockSpec) -> None:
     """Make the runner's pool read and write blocks in the spec's payload dtype."""
     if runner.kv is not None:
         runner.kv.wire_dtype = getattr(torch, spec.kv_dtype)
+
+
+def apply_thread_settings(config: WorkerConfig) -> None:
+    """The process-wide thread settings of ``config``: the GIL switch interval, torch's threads."""
+    sys.setswitchinterval(config.switch_interval_s)
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
 
 
 def open_store(config: WorkerConfig) -> BlockStore:
@@ -96,6 +104,7 @@ class Runtime:
 def build_runtime(config: WorkerConfig, metrics: WorkerMetrics) -> Runtime:
     """Load the model and connect the store (blocking: call it off the event loop)."""
     started = time.monotonic()
+    apply_thread_settings(config)
     loaded = load_model(config.model or default_model_path(), dtype=config.dtype,
                         device=config.device)
     runner = ModelRunner(loaded, num_blocks=config.num_blocks, block_size=config.block_size)

@@ -33,6 +33,12 @@ class WorkerConfig:
     store_timeout_s: float = setting(0.5, "upper bound on one store call")
     block_ttl_s: int = setting(86400, "expiry of published blocks, seconds (0: none)")
     store_threads: int = setting(4, "threads doing store I/O")
+    switch_interval_s: float = setting(
+        0.0005, "Python's thread switch interval (sys.setswitchinterval): the longest a thread "
+                "waits for the GIL before its holder is asked to drop it. The compute thread "
+                "takes the GIL back after every torch op, so Python's 0.005 lets the gRPC loop "
+                "and the store threads hold it up for milliseconds per op")
+    torch_threads: int = setting(0, "torch intra-op threads (0: torch's default, one per core)")
     block_size: int = setting(DEFAULT_BLOCK_SIZE, "tokens per KV block (part of the model "
                                   "fingerprint; every worker sharing a store must agree)")
     kv_wire_dtype: str = setting("native", "dtype of KV blocks in the store: native (the pool's "
@@ -60,6 +66,8 @@ class WorkerConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
 
+        if self.switch_interval_s <= 0 or self.torch_threads < 0:
+            raise ValueError("switch_interval_s must be positive and torch_threads >= 0")
         if self.kv_wire_dtype not in KV_WIRE_DTYPES:
             raise ValueError(f"kv_wire_dtype must be one of {', '.join(KV_WIRE_DTYPES)}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
