@@ -25,6 +25,7 @@ from decode_service.prefill_client import PrefillClient
 from decode_service.prompts import check_prompt, prompt_ids
 from decode_service.requests import Completion, GenerationRequest, Timings, TokenDelta, Usage
 from decode_service.scheduler import Admission, Admitted, BatchScheduler
+from decode_service.store_prefix import StorePrefix
 from engine.engine import LLMEngine, StepOutput
 from engine.kv import OutOfBlocks
 from engine.sampling import InvalidRequest, InvalidSamplingParams
@@ -132,29 +133,29 @@ class DecodeWorker:
         bs = rt.spec.block_size
         cached = await rt.on_store("lookup", rt.cache.lookup, hashes) if hashes else 0
         rt.metrics.queried_tokens.inc(len(hashes) * bs)
-        started = time.monotonic()
-        available = await self._remote_prefill(req, ids, hashes, cached, arrived, time_left_s)
-        prefill_ms = (time.monotonic() - started) * 1000
         payloads: list[bytes] = []
+        prefix = StorePrefix(rt, hashes, collect_payloads(payloads))
         started = time.monotonic()
-        if available:
-            await rt.on_store("fetch", rt.cache.fetch_prefix, hashes[:available],
-                              collect_payloads(payloads))
-        hit = min(cached, len(payloads))
+        available = await self._remote_prefill(req, ids, prefix, cached, arrived, time_left_s)
+        prefill_ms = (time.monotonic() - started) * 1000
+        started = time.monotonic()
+        await prefix.fetch_to(available)
+        hit = min(cached, prefix.fetched)
         rt.metrics.hit_tokens.inc(hit * bs)
         return _Plan(hashes, hit, payloads, prefill_ms, (time.monotonic() - started) * 1000)
 
-    async def _remote_prefill(self, req: GenerationRequest, ids: list[int],
-                              hashes: list[BlockHash], cached: int, arrived: float,
-                              time_left_s: float | None) -> int:
+    async def _remote_prefill(self, req: GenerationRequest, ids: list[int], prefix: StorePrefix,
+                              cached: int, arrived: float, time_left_s: float | None) -> int:
         """Blocks now in the store: after a Prefill call when worth it, else ``cached``.
 
         Worth it when the uncached part reaches the threshold and is at least as long as
         the cached part: a Prefill call moves the cached part twice more (the prefill
         worker loads it as context, decode fetches it again), so a short tail on a long
-        cached prefix is cheaper computed here.
+        cached prefix is cheaper computed here. While the call runs, ``prefix`` fetches
+        the blocks the prefill worker has published so far.
         """
         bs = self.runtime.spec.block_size
+        hashes = prefix.hashes
         uncached = len(ids) - cached * bs
         if (self.prefill_client is None or cached == len(hashes)
                 or uncached < max(self.config.prefill_threshold_tokens, cached * bs)):
@@ -163,8 +164,9 @@ class DecodeWorker:
         if time_left_s is not None:
             timeout = min(timeout, time_left_s - (time.monotonic() - arrived) - _DEADLINE_MARGIN_S)
         stored, reason = (None, "deadline_exceeded") if timeout <= 0 else \
-            await self.prefill_client.prefill(ids, req.cache_salt, hashes,
-                                               self.runtime.spec.fingerprint, req.request_id, timeout)
+            await prefix.following(self.prefill_client.prefill(
+                ids, req.cache_salt, hashes, self.runtime.spec.fingerprint, req.request_id,
+                timeout))
         if stored is None:
             self.runtime.metrics.fallbacks.labels(reason).inc()
             return cached
