@@ -36,8 +36,8 @@ class WorkerConfig:
     switch_interval_s: float = setting(
         0.0005, "Python's thread switch interval (sys.setswitchinterval): the longest a thread "
                 "waits for the GIL before its holder is asked to drop it. The compute thread "
-                "takes the GIL back after every torch op, so Python's 0.005 lets the gRPC loop "
-                "and the store threads hold it up for milliseconds per op")
+                "takes the GIL back after every torch op; this bounds how long a busy gRPC "
+                "loop or store thread can hold it up (Python's default: 0.005)")
     torch_threads: int = setting(0, "torch intra-op threads (0: torch's default, one per core)")
     block_size: int = setting(DEFAULT_BLOCK_SIZE, "tokens per KV block (part of the model "
                                   "fingerprint; every worker sharing a store must agree)")
