@@ -34,16 +34,14 @@ class AttentionMetadata:
     scale: float
 
 
-def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             meta: AttentionMetadata) -> None:
-    """Store the new tokens' k, v (B, T, kvh, hd) into ``kv_layer`` (NB, 2, bs, kvh, hd)."""
+def write_kv(kv_layer: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata) -> None:
+    """Store the new tokens' k/v (B, T, 2, kvh, hd) into ``kv_layer`` (NB, 2, bs, kvh, hd)."""
     if meta.slot_blocks is None:
         return
-    k, v = k.flatten(0, 1), v.flatten(0, 1)  # (B*T, kvh, hd)
+    kv = kv.flatten(0, 1)  # (B*T, 2, kvh, hd)
     if meta.token_index is not None:
-        k, v = k[meta.token_index], v[meta.token_index]  # (N, kvh, hd)
-    kv_layer[:, 0][meta.slot_blocks, meta.slot_offsets] = k
-    kv_layer[:, 1][meta.slot_blocks, meta.slot_offsets] = v
+        kv = kv[meta.token_index]  # (N, 2, kvh, hd)
+    kv_layer[meta.slot_blocks, :, meta.slot_offsets] = kv  # one scatter for K and V
 
 
 def gather_kv(kv_layer: torch.Tensor, meta: AttentionMetadata,
@@ -57,14 +55,14 @@ def gather_kv(kv_layer: torch.Tensor, meta: AttentionMetadata,
             v.view(batch, -1, kvh, hd).transpose(1, 2))
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    kv_layer: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
-    """q (B, T, H, hd), new k/v (B, T, kvh, hd) -> attention output (B, T, H*hd)."""
+def paged_attention(q: torch.Tensor, kv: torch.Tensor, kv_layer: torch.Tensor | None,
+                    meta: AttentionMetadata) -> torch.Tensor:
+    """q (B, T, H, hd), new k/v (B, T, 2, kvh, hd) -> attention output (B, T, H*hd)."""
     batch, t, heads, hd = q.shape
     if kv_layer is not None:
-        write_kv(kv_layer, k, v, meta)
+        write_kv(kv_layer, kv, meta)
     if meta.context_blocks is None or kv_layer is None:
-        keys, values = k.transpose(1, 2), v.transpose(1, 2)  # (B, kvh, T, hd)
+        keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, kvh, T, hd) each
     else:
         keys, values = gather_kv(kv_layer, meta, batch)  # (B, kvh, Tk, hd)
     kvh = keys.shape[1]

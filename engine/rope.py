@@ -84,7 +84,7 @@ class RotaryTable:
                 self.signed_sin[positions].unsqueeze(2).to(dtype))
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (B, T, heads, hd) by the angles in cos/signed_sin (B, T, 1, hd)."""
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (B, T, heads, hd) in place by the angles in cos/signed_sin (B, T, 1, hd)."""
     rotated = x.roll(x.shape[-1] // 2, dims=-1)  # (x2, x1): rotate_half without the sign
-    return (x * cos) + (rotated * signed_sin)
+    return x.mul_(cos).addcmul_(rotated, signed_sin)

@@ -35,12 +35,14 @@ def test_batched_prefill_on_top_of_different_held_prefixes(llama_pair: ModelPair
     assert all(s.num_computed == len(s.token_ids) for s in seqs)
 
 
-def test_batched_decode_of_different_lengths_matches_each_alone(llama_pair: ModelPair) -> None:
-    batch = prompts(4, seed=12)
+@pytest.mark.parametrize("batch_size", [4, 16])  # 16 rows: the transposed matmul form
+def test_batched_decode_of_different_lengths_matches_each_alone(llama_pair: ModelPair,
+                                                                batch_size: int) -> None:
+    batch = prompts(batch_size, seed=12)
     runner = llama_pair.runner()
     seqs = [Sequence(str(i), p) for i, p in enumerate(batch)]
     runner.prefill(seqs)
-    for seq, token in zip(seqs, [1, 2, 3, 4]):
+    for seq, token in zip(seqs, range(1, batch_size + 1)):
         seq.token_ids.append(token)
     logits = runner.decode(seqs)
     for seq, got in zip(seqs, logits):
