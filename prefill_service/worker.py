@@ -35,10 +35,15 @@ log = logging.getLogger("kvrelay.prefill")
 T = TypeVar("T")
 
 PUBLISH_CHUNK_BLOCKS = 32
-"""Blocks computed per forward pass before they are published. Publishing one chunk
-overlaps computing the next, so only the last chunk's publish adds to a long prompt's
-latency; the chunks' extra attention over the growing paged context costs little next to
-the MLPs (measured in docs/performance.md)."""
+"""Blocks of the last chunk: computed in a pass of their own after the others are published,
+so that only their publish (and decode's fetch of them) adds to a long prompt's latency."""
+
+MAX_CHUNK_BLOCKS = 128
+"""Most blocks computed in one forward pass (2048 tokens of 16), which bounds the pass's
+activations. A pass over a paged context attends with an explicit mask, which costs far more
+per token than the first, causal pass (measured on CPU: a 2048-token prompt as 4 chunks of
+512 tokens took 1.2-1.8x the CPU time of one pass, as 1536 + 512 tokens 1.1-1.2x), so the
+blocks before the last chunk go in as few passes as this allows."""
 
 
 @dataclass(frozen=True)
@@ -122,14 +127,14 @@ class PrefillWorker:
 
     async def _compute_and_publish(self, seq: Sequence, payloads: list[bytes],
                                    hashes: list[BlockHash]) -> int:
-        """Compute the missing blocks chunk by chunk, publishing each chunk while the next
-        one computes; returns the blocks newly written. Publishes read the pool in place:
+        """Compute the missing blocks chunk by chunk (``chunks``), publishing each chunk while
+        the next one computes; returns the blocks newly written. Publishes read the pool in place:
         ``seq`` holds its blocks until every publish is over."""
         rt = self.runtime
         await self._on_compute(self._import, seq, payloads)
         publishes: list[asyncio.Future[int]] = []
         try:
-            for first, last in chunks(len(payloads), len(hashes), PUBLISH_CHUNK_BLOCKS):
+            for first, last in chunks(len(payloads), len(hashes)):
                 await self._on_compute(prefill_full_blocks, rt.runner, seq, last)
                 views = block_views(rt.runner, seq, first, last)
                 if 0 < self._exit_after_blocks < len(hashes) - len(payloads):
@@ -171,6 +176,11 @@ class PrefillWorker:
             await self._on_compute(self._release, seq)
 
 
-def chunks(first: int, last: int, size: int) -> list[tuple[int, int]]:
-    """Block ranges ``[a, b)`` of at most ``size`` blocks covering ``[first, last)``."""
-    return [(a, min(a + size, last)) for a in range(first, last, size)]
+def chunks(first: int, last: int, tail: int = PUBLISH_CHUNK_BLOCKS,
+           size: int = MAX_CHUNK_BLOCKS) -> list[tuple[int, int]]:
+    """Block ranges ``[a, b)`` covering ``[first, last)``: the last ``tail`` blocks, and
+    before them as few chunks of at most ``size`` blocks as will do, of even sizes."""
+    body = max(first, last - tail)
+    passes = -(-(body - first) // size)
+    edges = [first] + [first + (body - first) * i // passes for i in range(1, passes + 1)]
+    return list(zip(edges, edges[1:] + ([last] if last > body else [])))
