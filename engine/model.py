@@ -55,13 +55,18 @@ TRANSPOSED_ROWS = range(16, 65)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., in) @ weight (out, in).T + bias -> (..., out); the result may be strided."""
+    """x (..., in) @ weight (out, in).T + bias -> (..., out), contiguous.
+
+    The ``weight @ x.T`` product is copied back to row order (a few hundred KB): left
+    transposed, every later op would see a last dimension with a stride, and SDPA then
+    leaves its fused CPU kernel for the math path (5x slower at a 544-token context).
+    """
     rows = x.reshape(-1, x.shape[-1])  # (M, in)
     if rows.shape[0] not in TRANSPOSED_ROWS:
         return F.linear(x, weight, bias)
     out = (torch.mm(weight, rows.t()) if bias is None
            else torch.addmm(bias[:, None], weight, rows.t()))  # (out, M)
-    return out.t().view(*x.shape[:-1], weight.shape[0])
+    return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
 def _fuse(owner: nn.Module, name: str, parts: list[nn.Linear], attr: str) -> None:

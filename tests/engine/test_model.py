@@ -23,6 +23,7 @@ def test_linear_matches_f_linear_for_every_row_count(rows: int, with_bias: bool)
     expected = F.linear(x, weight, bias)
     got = linear(x, _column_major(weight), bias)
     assert got.shape == (rows, 1, 48)
+    assert got.is_contiguous()  # a strided last dim sends SDPA to its slow math path
     torch.testing.assert_close(got, expected, **TOL)
 
 
@@ -43,3 +44,29 @@ def test_rope_in_place_on_a_strided_view_matches_rotate_half() -> None:
     apply_rope_(qkv[:, :, :3], cos, torch.cat((-sin[..., :4], sin[..., 4:]), dim=-1))
     torch.testing.assert_close(qkv[:, :, :3], expected, **TOL)
     assert torch.equal(qkv[:, :, 3:], untouched)
+
+
+def test_batched_decode_attention_uses_the_fused_sdpa_kernel(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """16 decoding rows over a held context must not fall back to SDPA's math path."""
+    from engine.config import ModelConfig
+    from engine.model import build_model
+    from engine.runner import ModelRunner
+    from engine.sequence import Sequence
+
+    config = ModelConfig.from_hf({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 64,
+        "intermediate_size": 96, "num_hidden_layers": 1, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-5})
+    model = build_model(config)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    runner = ModelRunner((config, model), num_blocks=128, block_size=4)
+    seqs = [Sequence(f"s{i}", list(range(1, 10 + i))) for i in range(TRANSPOSED_ROWS.start)]
+    runner.prefill(seqs)
+    for s in seqs:
+        s.token_ids.append(3)
+    with torch.profiler.profile() as prof:
+        runner.decode(seqs)
+    kernels = {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
+    assert "aten::_scaled_dot_product_attention_math" not in kernels, kernels
