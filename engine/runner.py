@@ -19,7 +19,7 @@ from engine.kv import BlockAllocator, KVPool
 from engine.model import LlamaForCausalLM
 from engine.rope import RotaryTable
 
-DENSE_DECODE_BYTES = 512 << 20
+DENSE_DECODE_BYTES = 1 << 30
 """Most bytes the contiguous decode K/V (``ModelRunner._dense_decode``) may take; past it,
 decode gathers from the pool per layer. 16 rows of SmolLM2-135M at 600 tokens: 0.44 GB."""
 DENSE_HEADROOM_TOKENS = 64
@@ -167,16 +167,16 @@ class ModelRunner:
         pool = self.kv
         if pool is None or self.dense_decode_bytes <= 0 or not seqs:
             return None
+        state = self._dense
         need = max(starts) + 1
-        if self._dense is None or not self._dense.matches(seqs, starts, need):
+        if state is None or not state.matches(seqs, starts, need):
             cap = -(-(need + DENSE_HEADROOM_TOKENS) // self.block_size) * self.block_size
             _, layers, _, _, kvh, hd = pool.tensor.shape
             nbytes = 2 * layers * len(seqs) * kvh * cap * hd * pool.tensor.element_size()
-            self._dense = None  # the old buffers go before new ones are allocated
             if nbytes > self.dense_decode_bytes:
+                self._dense = None
                 return None
-            self._dense = self._gather_dense(seqs, starts, cap)
-        state = self._dense
+            state = self._dense = self._gather_dense(seqs, starts, cap)
         rows = torch.arange(len(seqs), device=self.device)
         pos = torch.tensor(starts, device=self.device)  # (B,)
         allowed = torch.arange(need, device=self.device)[None, :] <= pos[:, None]  # (B, W)
@@ -191,6 +191,7 @@ class ModelRunner:
         pool = self._pool()
         _, layers, _, bs, kvh, hd = pool.tensor.shape
         b = len(seqs)
+        self._dense = None  # let the old buffers go before allocating new ones
         k = torch.zeros(layers, b, kvh, cap, hd, dtype=pool.tensor.dtype, device=self.device)
         v = torch.zeros_like(k)
         nb = max(-(-st // bs) for st in starts)

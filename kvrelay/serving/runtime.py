@@ -107,8 +107,7 @@ def build_runtime(config: WorkerConfig, metrics: WorkerMetrics) -> Runtime:
     apply_thread_settings(config)
     loaded = load_model(config.model or default_model_path(), dtype=config.dtype,
                         device=config.device)
-    runner = ModelRunner(loaded, num_blocks=config.num_blocks, block_size=config.block_size,
-                         dense_decode_bytes=config.dense_decode_mb << 20)
+    runner = ModelRunner(loaded, num_blocks=config.num_blocks, block_size=config.block_size)
     store = open_store(config)
     spec = block_spec(loaded, runner, config.kv_wire_dtype)
     set_wire_dtype(runner, spec)

@@ -47,10 +47,6 @@ class WorkerConfig:
                                            "part of the model fingerprint")
     num_blocks: int = setting(1024, "KV blocks in this worker's pool (x block_size tokens; "
                                     "SmolLM2-135M in float32 keeps 46 KB of K/V per token)")
-    dense_decode_mb: int = setting(
-        512, "most MiB of per-row contiguous K/V a decode step may keep across steps (the "
-             "running batch's context, copied once out of the pool, then appended to); past "
-             "it, decode gathers from the pool every step (0: always gather)")
     max_batch_size: int = setting(16, "most sequences in one forward pass")
     max_requests: int = setting(64, "most requests running plus waiting (RESOURCE_EXHAUSTED beyond)")
     max_message_bytes: int = setting(4 * 1024 * 1024, "gRPC message-size limit, both directions")
@@ -70,8 +66,6 @@ class WorkerConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
 
-        if self.dense_decode_mb < 0:
-            raise ValueError("dense_decode_mb must be >= 0")
         if self.switch_interval_s <= 0 or self.torch_threads < 0:
             raise ValueError("switch_interval_s must be positive and torch_threads >= 0")
         if self.kv_wire_dtype not in KV_WIRE_DTYPES:
