@@ -19,6 +19,7 @@ from engine.kv import BlockAllocator, KVPool
 from engine.model import LlamaForCausalLM
 from engine.rope import RotaryTable
 
+
 DENSE_DECODE_BYTES = 1 << 30
 """Most bytes the contiguous decode K/V (``ModelRunner._dense_decode``) may take; past it,
 decode gathers from the pool per layer. 16 rows of SmolLM2-135M at 600 tokens: 0.44 GB."""
