@@ -8,7 +8,7 @@ sequence's blocks gathered from the pool.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,30 +32,6 @@ class AttentionMetadata:
     context_blocks: torch.Tensor | None
     mask: torch.Tensor | None
     scale: float
-    dense: DenseDecode | None = None
-    layer_dense: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def for_layer(self, i: int) -> AttentionMetadata:
-        """This metadata with layer ``i``'s dense decode K/V picked out (when there is one)."""
-        if self.dense is None:
-            return self
-        return replace(self, layer_dense=(self.dense.k[i], self.dense.v[i]))
-
-
-@dataclass(frozen=True)
-class DenseDecode:
-    """A decode step's K/V kept contiguous per row across steps (``engine.runner``).
-
-    ``k``/``v`` (L, B, kvh, cap, hd) hold every row's context at its positions; the step
-    writes its new token at ``pos`` (B,) of rows ``rows`` (B,) and attends to the first
-    ``width`` positions under ``mask`` (B, 1, 1, width). The pool stays the source of truth.
-    """
-
-    k: torch.Tensor
-    v: torch.Tensor
-    rows: torch.Tensor
-    pos: torch.Tensor
-    width: int
 
 
 def write_kv(kv_layer: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata) -> None:
@@ -85,12 +61,7 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, kv_layer: torch.Tensor | 
     batch, t, heads, hd = q.shape
     if kv_layer is not None:
         write_kv(kv_layer, kv, meta)
-    if meta.layer_dense is not None and meta.dense is not None:  # one new token per row
-        dk, dv = meta.layer_dense  # (B, kvh, cap, hd)
-        dk[meta.dense.rows, :, meta.dense.pos] = kv[:, 0, 0]  # (B, kvh, hd)
-        dv[meta.dense.rows, :, meta.dense.pos] = kv[:, 0, 1]
-        keys, values = dk[:, :, :meta.dense.width], dv[:, :, :meta.dense.width]
-    elif meta.context_blocks is None or kv_layer is None:
+    if meta.context_blocks is None or kv_layer is None:
         keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, kvh, T, hd) each
     else:
         keys, values = gather_kv(kv_layer, meta, batch)  # (B, kvh, Tk, hd)

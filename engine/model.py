@@ -210,7 +210,7 @@ class LlamaForCausalLM(nn.Module):
         """input_ids (B, T) -> normed hidden states (B, T, D); ``kv`` is the pool tensor or None."""
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, rope, None if kv is None else kv[:, i], meta.for_layer(i))
+            x = layer(x, rope, None if kv is None else kv[:, i], meta)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -13,18 +13,11 @@ from typing import Any, Protocol
 
 import torch
 
-from engine.attention import AttentionMetadata, DenseDecode
+from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
 from engine.kv import BlockAllocator, KVPool
 from engine.model import LlamaForCausalLM
 from engine.rope import RotaryTable
-
-
-DENSE_DECODE_BYTES = 1 << 30
-"""Most bytes the contiguous decode K/V (``ModelRunner._dense_decode``) may take; past it,
-decode gathers from the pool per layer. 16 rows of SmolLM2-135M at 600 tokens: 0.44 GB."""
-DENSE_HEADROOM_TOKENS = 64
-"""Positions a new dense decode buffer keeps free, so steps append without regathering."""
 
 
 class RunnerSequence(Protocol):
@@ -43,7 +36,7 @@ class ModelRunner:
     """
 
     def __init__(self, loaded: Any, *, num_blocks: int, block_size: int,
-                 use_cache: bool = True, dense_decode_bytes: int = DENSE_DECODE_BYTES) -> None:
+                 use_cache: bool = True) -> None:
         config, model = loaded if isinstance(loaded, tuple) else (loaded.config, loaded.model)
         self.config: ModelConfig = config
         self.model: LlamaForCausalLM = model.eval()
@@ -57,8 +50,6 @@ class ModelRunner:
                          config.head_dim, dtype=self.dtype, device=self.device) if use_cache else None
         self.rope = RotaryTable(config, self.device)
         self.scale = config.head_dim ** -0.5
-        self.dense_decode_bytes = dense_decode_bytes
-        self._dense: _DenseState | None = None
 
     # -- block bookkeeping -------------------------------------------------------------
 
@@ -126,10 +117,9 @@ class ModelRunner:
         if self.use_cache and any(s.num_computed != len(s.token_ids) - 1 for s in seqs):
             raise ValueError("decode needs exactly one uncomputed token per sequence")
         starts = [len(s.token_ids) - 1 if self.use_cache else 0 for s in seqs]
-        return self._run(seqs, starts, dense=self.use_cache)
+        return self._run(seqs, starts)
 
-    def _run(self, seqs: Seq[RunnerSequence], starts: list[int],
-             dense: bool = False) -> torch.Tensor:
+    def _run(self, seqs: Seq[RunnerSequence], starts: list[int]) -> torch.Tensor:
         for seq in seqs:
             self.reserve(seq, len(seq.token_ids))
         lens = [len(s.token_ids) - st for s, st in zip(seqs, starts)]
@@ -139,73 +129,14 @@ class ModelRunner:
         starts_t = torch.tensor(starts, device=self.device)
         positions = starts_t[:, None] + torch.arange(width, device=self.device)  # (B, T)
         self.rope.ensure(max(starts) + width)
-        dense_meta = self._dense_decode(seqs, starts) if dense else None
-        meta = (self._metadata(seqs, starts, lens, positions) if dense_meta is None
-                else dense_meta)
+        meta = self._metadata(seqs, starts, lens, positions)
         hidden = self.model(ids, self.rope.lookup(positions, self.dtype),
                             None if self.kv is None else self.kv.tensor, meta)  # (B, T, D)
         last = torch.tensor(lens, device=self.device) - 1
         logits = self.model.logits(hidden[torch.arange(len(seqs), device=self.device), last])
         for seq in seqs:
             seq.num_computed = len(seq.token_ids) if self.use_cache else 0
-        if dense_meta is not None and self._dense is not None:
-            self._dense.held = [st + 1 for st in starts]
         return logits  # (B, V)
-
-    # -- decode K/V kept contiguous across steps ---------------------------------------
-
-    def _dense_decode(self, seqs: Seq[RunnerSequence], starts: list[int]) -> AttentionMetadata | None:
-        """Metadata attending to per-row contiguous K/V kept from the previous step.
-
-        Gathering each row's blocks out of the pool costs a copy of the whole context per
-        layer per step (14 MB a layer for 16 rows of 560 tokens): as much memory traffic as
-        the weights. While the batch stays the same (same sequences, each one token further
-        on) the gathered K/V stays valid, so it is kept and each step only appends its new
-        token; any change (a row joins, leaves, was prefilled or freed) gathers again.
-        None when the buffer would exceed ``dense_decode_bytes`` (then the pool is gathered
-        per layer as for any other pass).
-        """
-        pool = self.kv
-        if pool is None or self.dense_decode_bytes <= 0 or not seqs:
-            return None
-        state = self._dense
-        need = max(starts) + 1
-        if state is None or not state.matches(seqs, starts, need):
-            cap = -(-(need + DENSE_HEADROOM_TOKENS) // self.block_size) * self.block_size
-            _, layers, _, _, kvh, hd = pool.tensor.shape
-            nbytes = 2 * layers * len(seqs) * kvh * cap * hd * pool.tensor.element_size()
-            if nbytes > self.dense_decode_bytes:
-                self._dense = None
-                return None
-            state = self._dense = self._gather_dense(seqs, starts, cap)
-        rows = torch.arange(len(seqs), device=self.device)
-        pos = torch.tensor(starts, device=self.device)  # (B,)
-        allowed = torch.arange(need, device=self.device)[None, :] <= pos[:, None]  # (B, W)
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
-        mask = mask.masked_fill_(~allowed, float("-inf"))[:, None, None, :]  # (B, 1, 1, W)
-        slot_blocks, slot_offsets = self._slots(seqs, starts, [1] * len(seqs))
-        dense = DenseDecode(state.k, state.v, rows, pos, need)
-        return AttentionMetadata(slot_blocks, slot_offsets, None, None, mask, self.scale, dense)
-
-    def _gather_dense(self, seqs: Seq[RunnerSequence], starts: list[int], cap: int) -> _DenseState:
-        """Every row's held K/V (positions < start) copied out of the pool, (L, B, kvh, cap, hd)."""
-        pool = self._pool()
-        _, layers, _, bs, kvh, hd = pool.tensor.shape
-        b = len(seqs)
-        self._dense = None  # let the old buffers go before allocating new ones
-        k = torch.zeros(layers, b, kvh, cap, hd, dtype=pool.tensor.dtype, device=self.device)
-        v = torch.zeros_like(k)
-        nb = max(-(-st // bs) for st in starts)
-        if nb:
-            tables = [s.block_table[:nb] + [0] * (nb - min(nb, len(s.block_table))) for s in seqs]
-            context = torch.tensor(tables, device=self.device).flatten()  # (B*nb,)
-            for i in range(layers):
-                g = pool.tensor[:, i].index_select(0, context)  # (B*nb, 2, bs, kvh, hd)
-                g = g.view(b, nb, 2, bs, kvh, hd).permute(2, 0, 4, 1, 3, 5)  # (2, B, kvh, nb, bs, hd)
-                k[i, :, :, :nb * bs] = g[0].reshape(b, kvh, nb * bs, hd)
-                v[i, :, :, :nb * bs] = g[1].reshape(b, kvh, nb * bs, hd)
-        return _DenseState([s.block_table for s in seqs], list(starts), k, v)
-
 
     def _metadata(self, seqs: Seq[RunnerSequence], starts: list[int], lens: list[int],
                   positions: torch.Tensor) -> AttentionMetadata:
@@ -242,18 +173,3 @@ class ModelRunner:
         allowed = key_pos[None, None, :] <= positions[:, :, None]  # (B, T, Tk)
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         return context, mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
-
-
-class _DenseState:
-    """The rows (by their block-table objects) and positions a dense decode buffer holds."""
-
-    def __init__(self, tables: list[list[int]], held: list[int], k: torch.Tensor,
-                 v: torch.Tensor) -> None:
-        self.tables = tables  # strong references: identities cannot be reused meanwhile
-        self.held = held  # tokens of each row in the buffer (positions 0 .. held-1)
-        self.k, self.v = k, v
-
-    def matches(self, seqs: Seq[RunnerSequence], starts: list[int], need: int) -> bool:
-        return (len(seqs) == len(self.tables) and need <= self.k.shape[3]
-                and all(s.block_table is t for s, t in zip(seqs, self.tables))
-                and starts == self.held)
