@@ -47,17 +47,25 @@ def _prefilled(runner: ModelRunner, n_blocks: int) -> Sequence:
     return seq
 
 
-def test_a_bf16_wire_round_trip_equals_fp32_to_bf16_to_fp32(loaded: LoadedModel) -> None:
-    runner, cache = _runner(loaded, "bfloat16")
-    seq = _prefilled(runner, 3)
+def _round_trip(loaded: LoadedModel, wire_dtype: str, n_blocks: int
+                ) -> tuple[ModelRunner, Sequence, ModelRunner, Sequence]:
+    """Publish ``n_blocks`` prefilled blocks in ``wire_dtype``, fetch them and import them
+    into a fresh runner: (sender, its sequence, receiver, its sequence)."""
+    runner, cache = _runner(loaded, wire_dtype)
+    seq = _prefilled(runner, n_blocks)
     hashes = cache.block_hashes(seq.token_ids)
-    assert cache.publish(hashes, block_views(runner, seq, 0, 3)) == 3
+    assert cache.publish(hashes, block_views(runner, seq, 0, n_blocks)) == n_blocks
 
     payloads: list[bytes] = []
-    assert cache.fetch_prefix(hashes, collect_payloads(payloads)) == 3
-    other, _ = _runner(loaded, "bfloat16")
+    assert cache.fetch_prefix(hashes, collect_payloads(payloads)) == n_blocks
+    other, _ = _runner(loaded, wire_dtype)
     into = Sequence("into", list(seq.token_ids))
     other.import_blocks(into, payloads)
+    return runner, seq, other, into
+
+
+def test_a_bf16_wire_round_trip_equals_fp32_to_bf16_to_fp32(loaded: LoadedModel) -> None:
+    runner, seq, other, into = _round_trip(loaded, "bfloat16", 3)
     for i in range(3):
         sent = runner.export_block(seq, i)  # (L, 2, bs, kvh, hd) float32
         got = other.export_block(into, i)
@@ -122,20 +130,12 @@ def test_the_wire_bench_reports_half_sized_bf16_blocks(loaded: LoadedModel) -> N
 
 
 def test_an_int8_wire_round_trip_is_within_half_a_step_of_its_scale(loaded: LoadedModel) -> None:
-    runner, cache = _runner(loaded, "int8")
-    native = block_spec(loaded, runner)
+    probe, cache = _runner(loaded, "int8")
+    native = block_spec(loaded, probe)
     assert cache.spec.fingerprint not in (native.fingerprint,
-                                          block_spec(loaded, runner, "bfloat16").fingerprint)
+                                          block_spec(loaded, probe, "bfloat16").fingerprint)
     assert cache.spec.payload_nbytes == native.payload_nbytes // 4 + cache.spec.scales_nbytes
-    seq = _prefilled(runner, 2)
-    hashes = cache.block_hashes(seq.token_ids)
-    assert cache.publish(hashes, block_views(runner, seq, 0, 2)) == 2
-
-    payloads: list[bytes] = []
-    assert cache.fetch_prefix(hashes, collect_payloads(payloads)) == 2
-    other, _ = _runner(loaded, "int8")
-    into = Sequence("into", list(seq.token_ids))
-    other.import_blocks(into, payloads)
+    runner, seq, other, into = _round_trip(loaded, "int8", 2)
     for i in range(2):
         sent = runner.export_block(seq, i)  # (L, 2, bs, kvh, hd) float32
         step = sent.abs().amax(dim=(2, 3, 4), keepdim=True) / 127  # (L, 2, 1, 1, 1)
