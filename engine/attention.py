@@ -23,7 +23,10 @@ class AttentionMetadata:
     tokens' flat indices in the padded (B*T) batch (None: no padding). ``context_blocks``
     (B*nb,): every row's block table padded to ``nb`` blocks (None: attend to the fresh K/V
     only). ``mask`` (B, 1, T, Tk) additive, 0 where a query may attend and -inf elsewhere
-    (None: plain causal).
+    (None: plain causal). ``shared``: in a decode step (T = 1), groups of rows whose
+    tables start with the same blocks (a shared prompt prefix, held once), as (row indices
+    (n,), those blocks (S,)); then each row's ``context_blocks`` and ``mask`` cover only
+    what follows its group's blocks (``shared_attention``).
     """
 
     slot_blocks: torch.Tensor | None
@@ -32,6 +35,7 @@ class AttentionMetadata:
     context_blocks: torch.Tensor | None
     mask: torch.Tensor | None
     scale: float
+    shared: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
 
 
 def write_kv(kv_layer: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata) -> None:
@@ -61,12 +65,75 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, kv_layer: torch.Tensor | 
     batch, t, heads, hd = q.shape
     if kv_layer is not None:
         write_kv(kv_layer, kv, meta)
+    if meta.shared and kv_layer is not None:
+        return shared_attention(q, kv_layer, meta).reshape(batch, t, heads * hd)
     if meta.context_blocks is None or kv_layer is None:
         keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, kvh, T, hd) each
     else:
         keys, values = gather_kv(kv_layer, meta, batch)  # (B, kvh, Tk, hd)
     kvh = keys.shape[1]
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), keys, values, attn_mask=meta.mask, is_causal=meta.mask is None,
-        scale=meta.scale, enable_gqa=kvh != heads)  # (B, H, T, hd)
+    if meta.mask is not None and kvh != heads:
+        out = _grouped_attention(q, keys, values, meta.mask, meta.scale)
+    else:
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=meta.mask, is_causal=meta.mask is None,
+            scale=meta.scale, enable_gqa=kvh != heads)  # (B, H, T, hd)
     return out.transpose(1, 2).reshape(batch, t, heads * hd)
+
+
+def _grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Grouped-query attention as plain attention with one head per KV head: the ``g``
+    query heads that share a KV head (heads ``j*g .. j*g+g-1`` use KV head ``j``) are
+    stacked along the query axis, so each product runs over ``g*T`` query rows instead of
+    ``T`` (CPU SDPA: 1.3x faster for a 64-token tail over 2048 tokens, 1.5x for batch-16
+    decode over 560). The mask is the same for the ``g`` heads. q (B, T, H, hd), keys and
+    values (B, kvh, Tk, hd), mask (B, 1, T, Tk) -> (B, H, T, hd)."""
+    batch, t, heads, hd = q.shape
+    kvh, tk = keys.shape[1], keys.shape[2]
+    g = heads // kvh
+    stacked = q.transpose(1, 2).reshape(batch, kvh, g * t, hd)  # (B, kvh, g*T, hd)
+    mask = mask.expand(batch, 1, t, tk).unsqueeze(2).expand(batch, 1, g, t, tk)
+    out = F.scaled_dot_product_attention(stacked, keys, values,
+                                         attn_mask=mask.reshape(batch, 1, g * t, tk), scale=scale)
+    return out.view(batch, heads, t, hd)
+
+
+_flash_with_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def shared_attention(q: torch.Tensor, kv_layer: torch.Tensor,
+                     meta: AttentionMetadata) -> torch.Tensor:
+    """One decode step in which groups of rows share the first blocks of their context.
+
+    Attention splits over the keys: the queries of a group against its shared blocks in
+    one product (their K/V gathered once, not once per row: 16 rows over a 512-token
+    system prompt gathered 30 x 14 MB per step), then every row against its own remaining
+    blocks, and the two partial results are merged with their log-sum-exps (exactly
+    softmax over all keys, to float rounding). Rows in no group have only their own part.
+    CPU only (the flash kernel that also returns log-sum-exps). q (B, 1, H, hd) -> (B, H, hd).
+    """
+    assert meta.context_blocks is not None and meta.mask is not None
+    batch, _, heads, hd = q.shape
+    kvh = kv_layer.shape[-2]
+    g = heads // kvh
+    rows = q.reshape(batch, kvh, g, hd)  # (B, kvh, g, hd): query heads grouped by KV head
+    keys, values = gather_kv(kv_layer, meta, batch)  # (B, kvh, Tk, hd): each row's own part
+    mask = meta.mask.expand(batch, 1, g, keys.shape[2])
+    out_own, lse_own = _flash_with_lse(rows, keys, values, 0.0, False, attn_mask=mask,
+                                       scale=meta.scale)  # (B, kvh, g, hd), (B, kvh, g)
+    out_shared = torch.zeros_like(out_own)
+    lse_shared = torch.full_like(lse_own, float("-inf"))
+    for members, blocks in meta.shared:
+        n = members.shape[0]
+        k = kv_layer[:, 0].index_select(0, blocks).view(1, -1, kvh, hd).transpose(1, 2)
+        v = kv_layer[:, 1].index_select(0, blocks).view(1, -1, kvh, hd).transpose(1, 2)
+        stacked = rows.index_select(0, members).permute(1, 2, 0, 3).reshape(1, kvh, g * n, hd)
+        out, lse = _flash_with_lse(stacked, k, v, 0.0, False, scale=meta.scale)
+        out_shared.index_copy_(0, members, out.view(kvh, g, n, hd).permute(2, 0, 1, 3))
+        lse_shared.index_copy_(0, members, lse.view(kvh, g, n).permute(2, 0, 1))
+    top = torch.maximum(lse_shared, lse_own)
+    w_shared, w_own = (lse_shared - top).exp_(), (lse_own - top).exp_()
+    merged = (out_shared * w_shared[..., None] + out_own * w_own[..., None]) \
+        / (w_shared + w_own)[..., None]
+    return merged.view(batch, heads, hd)

@@ -8,6 +8,7 @@ the bytes without a copy) and importing it is a single copy from a bytes-like ob
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Iterable
 
@@ -24,6 +25,10 @@ class BlockAllocator:
 
     ``allocate(n)`` hands out ``n`` free ids with a count of one, ``incref`` adds a holder,
     ``free`` drops one holder per id and returns an id to the free list when none remain.
+    Thread-safe: the compute thread grows sequences while a store thread may reserve
+    blocks for K/V it is about to fetch (``allocate_up_to``). Full blocks can be named by
+    the hash of their tokens (``name``) and shared by name (``share_named``): a prompt
+    prefix some running sequence holds is then held once, not fetched again.
     """
 
     def __init__(self, num_blocks: int) -> None:
@@ -32,6 +37,9 @@ class BlockAllocator:
         self.num_blocks = num_blocks
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._refs: list[int] = [0] * num_blocks
+        self._lock = threading.Lock()
+        self._named: dict[bytes, int] = {}  # content hash -> live block
+        self._name_of: dict[int, bytes] = {}
 
     @property
     def num_free(self) -> int:
@@ -41,26 +49,67 @@ class BlockAllocator:
         return self._refs[block]
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise OutOfBlocks(f"need {n} blocks, {len(self._free)} free")
+        with self._lock:
+            if n > len(self._free):
+                raise OutOfBlocks(f"need {n} blocks, {len(self._free)} free")
+            return self._take(n)
+
+    def allocate_up_to(self, n: int, keep_free: int = 0) -> list[int]:
+        """As many blocks as possible up to ``n`` while ``keep_free`` stay free (maybe none)."""
+        with self._lock:
+            return self._take(max(0, min(n, len(self._free) - keep_free)))
+
+    def _take(self, n: int) -> list[int]:
         blocks = [self._free.pop() for _ in range(n)]
         for b in blocks:
             self._refs[b] = 1
         return blocks
 
     def incref(self, blocks: Iterable[int]) -> None:
-        for b in blocks:
-            if self._refs[b] <= 0:
-                raise ValueError(f"block {b} is not allocated")
-            self._refs[b] += 1
+        with self._lock:
+            blocks = list(blocks)
+            if any(self._refs[b] <= 0 for b in blocks):
+                raise ValueError(f"blocks {[b for b in blocks if self._refs[b] <= 0]} "
+                                 "are not allocated")
+            for b in blocks:
+                self._refs[b] += 1
 
     def free(self, blocks: Iterable[int]) -> None:
-        for b in blocks:
-            if self._refs[b] <= 0:
-                raise ValueError(f"block {b} is already free")
-            self._refs[b] -= 1
-            if self._refs[b] == 0:
-                self._free.append(b)
+        with self._lock:
+            for b in blocks:
+                if self._refs[b] <= 0:
+                    raise ValueError(f"block {b} is already free")
+                self._refs[b] -= 1
+                if self._refs[b] == 0:
+                    self._free.append(b)
+                    name = self._name_of.pop(b, None)
+                    if name is not None:
+                        del self._named[name]
+
+    def name(self, pairs: Iterable[tuple[int, bytes]]) -> None:
+        """Name full blocks by the chained hash of their tokens, so that later sequences
+        with the same prefix share them (``share_named``). The caller promises the block
+        holds exactly that K/V and is never written again. A block or a name already in
+        use is left as it is; a name lasts while its block is held."""
+        with self._lock:
+            for block, name in pairs:
+                if (self._refs[block] > 0 and name not in self._named
+                        and block not in self._name_of):
+                    self._named[name] = block
+                    self._name_of[block] = name
+
+    def share_named(self, names: Iterable[bytes]) -> list[int]:
+        """A new reference to the live block of each of ``names`` in order, up to the
+        first name that no held block has."""
+        shared: list[int] = []
+        with self._lock:
+            for name in names:
+                block = self._named.get(name)
+                if block is None:
+                    break
+                self._refs[block] += 1
+                shared.append(block)
+        return shared
 
 
 class KVPool:
@@ -85,6 +134,19 @@ class KVPool:
     def layer(self, i: int) -> torch.Tensor:
         """Layer ``i`` of every block: ``(num_blocks, 2, block_size, kv_heads, head_dim)`` (a view)."""
         return self.tensor[:, i]
+
+    @property
+    def lands_in_place(self) -> bool:
+        """Whether wire payloads can be copied straight into block memory
+        (``landing_bytes``): a CPU pool in the wire dtype. Otherwise they go through
+        ``import_block``, which moves or converts them."""
+        return self.tensor.is_cpu and self.wire_dtype == self.tensor.dtype
+
+    def landing_bytes(self, block: int) -> np.ndarray:
+        """One block's memory as a writable flat byte array (``lands_in_place`` pools)."""
+        if not self.lands_in_place:
+            raise ValueError("this pool converts or lives off the CPU: use import_block")
+        return _byte_array(self.tensor[block])
 
     def export_block(self, block: int) -> torch.Tensor:
         """One block's K/V for all layers, ``(L, 2, bs, kvh, hd)``: a contiguous view, no copy."""

@@ -5,7 +5,8 @@ runner once weights are loaded and placed) concatenates q/k/v and gate/up into s
 matrices, stores every projection column-major, and re-points the HF-named parameters at
 views of them, so the forward runs two matmuls fewer per layer and streams each weight
 once per decode step, while ``state_dict``/``load_state_dict`` keep working. Projections
-go through ``linear``, which picks the matmul form by row count.
+go through ``engine.matmul.linear``, which uses the product form measured fastest on this
+machine for the row count (``projection_groups`` hands it the weights to measure).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig
+from engine.matmul import linear
 from engine.rope import apply_rope_, inverse_frequencies
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, signed sin (engine.rope): (B, T, 1, hd) each
@@ -46,27 +48,6 @@ def _column_major(weight: torch.Tensor) -> torch.Tensor:
     BLAS streams once instead of repacking it: ~1.3-1.7x faster for single-row decode.
     """
     return weight.t().contiguous().t()
-
-
-# For this many rows, ``linear`` multiplies a column-major weight as ``weight @ x.T``, which
-# MKL tiles along the long output axis: 16-64 rows ~1.2-2.3x faster than ``F.linear`` on a
-# 2-core AVX2 CPU (SmolLM2-135M's projections), but several times slower for 2-8 rows.
-TRANSPOSED_ROWS = range(16, 65)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., in) @ weight (out, in).T + bias -> (..., out), contiguous.
-
-    The ``weight @ x.T`` product is copied back to row order (a few hundred KB): left
-    transposed, every later op would see a last dimension with a stride, and SDPA then
-    leaves its fused CPU kernel for the math path (5x slower at a 544-token context).
-    """
-    rows = x.reshape(-1, x.shape[-1])  # (M, in)
-    if rows.shape[0] not in TRANSPOSED_ROWS:
-        return F.linear(x, weight, bias)
-    out = (torch.mm(weight, rows.t()) if bias is None
-           else torch.addmm(bias[:, None], weight, rows.t()))  # (out, M)
-    return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
 def _fuse(owner: nn.Module, name: str, parts: list[nn.Linear], attr: str) -> None:
@@ -164,7 +145,10 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # An explicit weight skips Embedding's normal_ init (build_model says why).
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size, config.hidden_size,
+            _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -204,6 +188,15 @@ class LlamaForCausalLM(nn.Module):
             self.register_buffer("head_weight", head, persistent=False)
         else:
             _fuse(self, "head_weight", [self.lm_head], "weight")
+
+    def projection_groups(self) -> list[list[torch.Tensor]]:
+        """The fused projection weights grouped by role (qkv, o, gate/up, down), every
+        layer's in each group, for ``engine.matmul.tune`` (call after ``fuse_``)."""
+        layers = self.model.layers
+        return [[getattr(layer.self_attn, name) for layer in layers]
+                for name in ("qkv_weight", "o_weight")] + [
+                [getattr(layer.mlp, name) for layer in layers]
+                for name in ("gate_up_weight", "down_weight")]
 
     def forward(self, input_ids: torch.Tensor, rope: Rope, kv: torch.Tensor | None,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -252,6 +245,14 @@ def build_model(config: ModelConfig, *, dtype: torch.dtype = torch.float32,
     inverse_frequencies(config)
     with torch.device("meta"):
         model = MODEL_REGISTRY[config.architecture](config)
-    model = model.to(dtype).to_empty(device=device)
+    # Each parameter is replaced by torch.empty on the target device rather than through
+    # Module.to_empty: empty_like and normal_ on meta tensors run torch's Python reference
+    # ops, whose first use imports sympy and torch._dynamo, 15-80 s of a worker's start
+    # on a busy 2-core machine, for values that are overwritten anyway.
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            setattr(module, name, nn.Parameter(
+                torch.empty(param.shape, dtype=dtype, device=device),
+                requires_grad=param.requires_grad))
     model.tie_weights_()
     return model

@@ -13,11 +13,16 @@ from typing import Any, Protocol
 
 import torch
 
+from engine import matmul
 from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
 from engine.kv import BlockAllocator, KVPool
 from engine.model import LlamaForCausalLM
 from engine.rope import RotaryTable
+
+MIN_SHARED_BLOCKS = 4
+"""A decode batch attends to a common prefix once for all rows from this many blocks on
+(64 tokens at 16 per block); below it the split and merge cost more than they save."""
 
 
 class RunnerSequence(Protocol):
@@ -33,14 +38,18 @@ class ModelRunner:
 
     ``loaded`` is anything with ``config`` and ``model`` attributes (``engine.loader.LoadedModel``)
     or a ``(config, model)`` pair. The model is fused in place and run under inference mode.
+    On a CPU, ``tune_matmuls`` measures once per process and weight shape which matmul form
+    is faster for batched decode rows (``engine.matmul``; about a second for SmolLM2-135M).
     """
 
     def __init__(self, loaded: Any, *, num_blocks: int, block_size: int,
-                 use_cache: bool = True) -> None:
+                 use_cache: bool = True, tune_matmuls: bool = True) -> None:
         config, model = loaded if isinstance(loaded, tuple) else (loaded.config, loaded.model)
         self.config: ModelConfig = config
         self.model: LlamaForCausalLM = model.eval()
         self.model.fuse_()
+        if tune_matmuls:
+            matmul.tune(self.model.projection_groups())
         weight = model.model.embed_tokens.weight
         self.dtype, self.device = weight.dtype, weight.device
         self.block_size = block_size
@@ -84,6 +93,19 @@ class ModelRunner:
         except Exception:
             self.allocator.free(blocks)
             raise
+        seq.block_table.extend(blocks)
+        seq.num_computed += len(blocks) * bs
+
+    def adopt_blocks(self, seq: RunnerSequence, blocks: Seq[int]) -> None:
+        """Append pool blocks already holding this prompt's next full blocks of K/V (written
+        there by a fetch, ``KVPool.landing_bytes``); ``seq`` takes its own reference to
+        each, so the caller still frees its own."""
+        bs = self.block_size
+        if seq.num_computed % bs or len(seq.block_table) != seq.num_computed // bs:
+            raise ValueError("blocks can only be adopted at a block boundary of the computed prefix")
+        if seq.num_computed + len(blocks) * bs > len(seq.token_ids):
+            raise ValueError("adopted blocks would cover more tokens than the sequence has")
+        self.allocator.incref(blocks)
         seq.block_table.extend(blocks)
         seq.num_computed += len(blocks) * bs
 
@@ -147,9 +169,43 @@ class ModelRunner:
             if any(n != width for n in lens):
                 token_index = torch.tensor([b * width + i for b, n in enumerate(lens)
                                             for i in range(n)], device=self.device)
+            shared, skips = self._shared_prefixes(seqs, starts, lens)
+            if shared:
+                context, mask = self._context(seqs, starts, lens, positions, skips)
+                return AttentionMetadata(slot_blocks, slot_offsets, token_index, context, mask,
+                                         self.scale, shared)
             if any(starts):
                 context, mask = self._context(seqs, starts, lens, positions)
         return AttentionMetadata(slot_blocks, slot_offsets, token_index, context, mask, self.scale)
+
+    def _shared_prefixes(self, seqs: Seq[RunnerSequence], starts: list[int], lens: list[int]
+                         ) -> tuple[tuple[tuple[torch.Tensor, torch.Tensor], ...], list[int]]:
+        """Groups of rows of a CPU decode step whose tables start with the same (at least
+        ``MIN_SHARED_BLOCKS``) blocks, wholly before their new tokens, as (rows, blocks)
+        for ``attention.shared_attention``; and how many blocks of each row that covers."""
+        skips = [0] * len(seqs)
+        if len(seqs) < 2 or any(n != 1 for n in lens) or self.device.type != "cpu":
+            return (), skips
+        by_first: dict[int, list[int]] = {}
+        for i, seq in enumerate(seqs):
+            if seq.block_table:
+                by_first.setdefault(seq.block_table[0], []).append(i)
+        groups = []
+        for members in by_first.values():
+            if len(members) < 2:
+                continue
+            limit = min(starts[i] for i in members) // self.block_size
+            first = seqs[members[0]].block_table
+            common = 0
+            while common < limit and all(seqs[i].block_table[common] == first[common]
+                                         for i in members[1:]):
+                common += 1
+            if common >= MIN_SHARED_BLOCKS:
+                for i in members:
+                    skips[i] = common
+                groups.append((torch.tensor(members, device=self.device),
+                               torch.tensor(first[:common], device=self.device)))
+        return tuple(groups), skips
 
     def _slots(self, seqs: Seq[RunnerSequence], starts: list[int],
                lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,12 +220,18 @@ class ModelRunner:
                 torch.tensor(offsets, device=self.device))
 
     def _context(self, seqs: Seq[RunnerSequence], starts: list[int], lens: list[int],
-                 positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded block tables (B*nb,) and the causal mask over them (B, 1, T, nb*bs)."""
-        nb = max(-(-(st + n) // self.block_size) for st, n in zip(starts, lens))
-        tables = [s.block_table[:nb] + [0] * (nb - min(nb, len(s.block_table))) for s in seqs]
+                 positions: torch.Tensor, skips: list[int] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded block tables (B*nb,) and the causal mask over them (B, 1, T, nb*bs), each
+        row's from its block ``skips[i]`` on (default 0)."""
+        bs = self.block_size
+        skips = skips or [0] * len(seqs)
+        nb = max(-(-(st + n) // bs) - k for st, n, k in zip(starts, lens, skips))
+        tables = [s.block_table[k:k + nb] + [0] * (nb - min(nb, len(s.block_table) - k))
+                  for s, k in zip(seqs, skips)]
         context = torch.tensor(tables, device=self.device).flatten()  # (B*nb,)
-        key_pos = torch.arange(nb * self.block_size, device=self.device)  # (Tk,)
-        allowed = key_pos[None, None, :] <= positions[:, :, None]  # (B, T, Tk)
+        first_key = torch.tensor(skips, device=self.device)[:, None] * bs  # (B, 1)
+        key_pos = first_key + torch.arange(nb * bs, device=self.device)  # (B, Tk)
+        allowed = key_pos[:, None, :] <= positions[:, :, None]  # (B, T, Tk)
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         return context, mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)

@@ -1,4 +1,4 @@
-"""engine.model's building blocks: the row-count dependent matmul and in-place rotary."""
+"""engine.model's building blocks: the measured matmul forms and in-place rotary."""
 
 from __future__ import annotations
 
@@ -6,32 +6,83 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.model import TRANSPOSED_ROWS, _column_major, linear
+from engine import matmul
+from engine.matmul import linear, use_transposed
+from engine.model import _column_major
 from engine.rope import apply_rope_
 
 TOL: dict[str, float] = {"atol": 1e-5, "rtol": 1e-5}
 
 
-@pytest.mark.parametrize("rows", [1, 2, TRANSPOSED_ROWS.start, TRANSPOSED_ROWS.stop - 1,
-                                  TRANSPOSED_ROWS.stop])
+@pytest.fixture(autouse=True)
+def fresh_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts from an empty process-wide matmul plan and leaves none behind."""
+    monkeypatch.setattr(matmul, "_transposed", set())
+    monkeypatch.setattr(matmul, "_measured", set())
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, 16, 17, 63, 64, 65])
+@pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_matches_f_linear_for_every_row_count(rows: int, with_bias: bool) -> None:
+def test_linear_matches_f_linear_in_either_form(rows: int, transposed: bool,
+                                                with_bias: bool) -> None:
     g = torch.Generator().manual_seed(rows)
-    weight = torch.randn(48, 32, generator=g)
+    weight = _column_major(torch.randn(48, 32, generator=g))
     bias = torch.randn(48, generator=g) if with_bias else None
     x = torch.randn(rows, 1, 32, generator=g)  # (B, T, in) as in decode
+    use_transposed(weight, rows, transposed)
     expected = F.linear(x, weight, bias)
-    got = linear(x, _column_major(weight), bias)
+    got = linear(x, weight, bias)
     assert got.shape == (rows, 1, 48)
     assert got.is_contiguous()  # a strided last dim sends SDPA to its slow math path
     torch.testing.assert_close(got, expected, **TOL)
 
 
+def test_the_transposed_form_is_used_only_for_its_shape_and_row_bucket(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    weight, other = torch.randn(48, 32), torch.randn(40, 32)
+    use_transposed(weight, 16)  # bucket 16: 16-31 rows
+    calls: list[tuple[int, ...]] = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: calls.append(tuple(a.shape)) or real_mm(a, b))
+    for rows in (8, 16, 31, 32):
+        linear(torch.randn(rows, 32), weight)
+    linear(torch.randn(16, 32), other)
+    assert calls == [(48, 32), (48, 32)]  # 16 and 31 rows of ``weight`` only
+
+
 def test_linear_result_can_be_split_into_heads() -> None:
     weight = _column_major(torch.randn(4 * 8, 16))
-    x = torch.randn(2, TRANSPOSED_ROWS.start, 16)  # (B, T, in): 2*16 rows, transposed form
-    out = linear(x, weight).view(2, TRANSPOSED_ROWS.start, 4, 8)  # (B, T, heads, hd)
+    use_transposed(weight, 32)
+    x = torch.randn(2, 16, 16)  # (B, T, in): 32 rows in the transposed form
+    out = linear(x, weight).view(2, 16, 4, 8)  # (B, T, heads, hd)
     torch.testing.assert_close(out, F.linear(x, weight).view(2, -1, 4, 8), **TOL)
+
+
+def test_tune_follows_the_measurement_and_measures_each_case_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    measured: list[tuple[tuple[int, ...], int]] = []
+
+    def fake_speedup(group: list[torch.Tensor], rows: int, repeats: int) -> float:
+        measured.append((tuple(group[0].shape), rows))
+        return 2.0 if rows >= 32 else 1.0  # W @ x.T twice as fast from 32 rows up
+
+    monkeypatch.setattr(matmul, "_speedup", fake_speedup)
+    group = [torch.randn(48, 32) for _ in range(3)]
+    report = matmul.tune([group], rows=(8, 16, 32, 64))
+    assert report == {"48x32@8": 1.0, "48x32@16": 1.0, "48x32@32": 2.0, "48x32@64": 2.0}
+    assert matmul.tune([group], rows=(8, 16, 32, 64)) == {}  # the plan is kept
+    assert len(measured) == 4
+    assert matmul._key(group[0], 40) in matmul._transposed
+    assert matmul._key(group[0], 20) not in matmul._transposed
+
+
+def test_tune_times_real_matmuls_and_keeps_results_exact() -> None:
+    group = [_column_major(torch.randn(64, 32)) for _ in range(2)]
+    report = matmul.tune([group], rows=(8, 16), repeats=1)
+    assert set(report) == {"64x32@8", "64x32@16"} and all(v > 0 for v in report.values())
+    x = torch.randn(16, 32)
+    torch.testing.assert_close(linear(x, group[0]), F.linear(x, group[0]), **TOL)
 
 
 def test_rope_in_place_on_a_strided_view_matches_rotate_half() -> None:
@@ -61,8 +112,10 @@ def test_batched_decode_attention_uses_the_fused_sdpa_kernel(tmp_path) -> None: 
     torch.manual_seed(0)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    runner = ModelRunner((config, model), num_blocks=128, block_size=4)
-    seqs = [Sequence(f"s{i}", list(range(1, 10 + i))) for i in range(TRANSPOSED_ROWS.start)]
+    runner = ModelRunner((config, model), num_blocks=128, block_size=4, tune_matmuls=False)
+    for group in model.projection_groups():
+        use_transposed(group[0], 16)  # the form that once left SDPA a strided input
+    seqs = [Sequence(f"s{i}", list(range(1, 10 + i))) for i in range(16)]
     runner.prefill(seqs)
     for s in seqs:
         s.token_ids.append(3)
@@ -70,3 +123,42 @@ def test_batched_decode_attention_uses_the_fused_sdpa_kernel(tmp_path) -> None: 
         runner.decode(seqs)
     kernels = {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
     assert "aten::_scaled_dot_product_attention_math" not in kernels, kernels
+
+
+@pytest.mark.parametrize(("batch", "t", "tk"), [(1, 5, 12), (3, 1, 9), (2, 4, 4)])
+def test_grouped_attention_matches_gqa_sdpa_with_a_mask(batch: int, t: int, tk: int) -> None:
+    from engine.attention import _grouped_attention
+
+    g = torch.Generator().manual_seed(batch * 100 + t)
+    heads, kvh, hd = 6, 2, 8
+    q = torch.randn(batch, t, heads, hd, generator=g)
+    keys, values = torch.randn(2, batch, kvh, tk, hd, generator=g)
+    ends = torch.randint(1, tk + 1, (batch, t), generator=g)  # each query sees keys [0, end)
+    allowed = torch.arange(tk)[None, None, :] < ends[:, :, None]  # (B, T, Tk)
+    mask = torch.zeros(batch, t, tk).masked_fill_(~allowed, float("-inf")).unsqueeze(1)
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                              scale=0.3, enable_gqa=True)
+    got = _grouped_attention(q, keys, values, mask, 0.3)
+    torch.testing.assert_close(got, expected, **TOL)
+
+
+def test_building_a_model_stays_off_torchs_python_reference_ops() -> None:
+    """Meta-tensor init and ``to_empty`` ran torch's Python reference ops, whose first use
+    imports sympy and torch._dynamo: most of a worker's start on a busy machine."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from engine.config import ModelConfig\n"
+        "from engine.model import build_model\n"
+        "config = ModelConfig.from_hf({'architectures': ['LlamaForCausalLM'], 'vocab_size': 64,"
+        " 'hidden_size': 64, 'intermediate_size': 96, 'num_hidden_layers': 2,"
+        " 'num_attention_heads': 4, 'num_key_value_heads': 2, 'max_position_embeddings': 256,"
+        " 'rms_norm_eps': 1e-5, 'tie_word_embeddings': True})\n"
+        "model = build_model(config, dtype=__import__('torch').bfloat16)\n"
+        "assert all(p.device.type == 'cpu' and p.dtype == __import__('torch').bfloat16 for p in model.parameters())\n"
+        "assert model.lm_head.weight is model.model.embed_tokens.weight\n"
+        "print(sorted(m for m in ('sympy', 'torch._dynamo') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

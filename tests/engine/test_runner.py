@@ -35,7 +35,7 @@ def test_batched_prefill_on_top_of_different_held_prefixes(llama_pair: ModelPair
     assert all(s.num_computed == len(s.token_ids) for s in seqs)
 
 
-@pytest.mark.parametrize("batch_size", [4, 16])  # 16 rows: the transposed matmul form
+@pytest.mark.parametrize("batch_size", [4, 16])  # 16 rows: a measured matmul bucket
 def test_batched_decode_of_different_lengths_matches_each_alone(llama_pair: ModelPair,
                                                                 batch_size: int) -> None:
     batch = prompts(batch_size, seed=12)
