@@ -8,15 +8,19 @@ tokenize, check, look up, remote prefill, fetch, admit, stream), ``scheduler`` (
 
 Decisions worth knowing:
 
-- ``usage.cached_prompt_tokens`` counts prompt tokens whose blocks were already in the
-  store when the request arrived (a cache hit). Blocks a prefill worker published for
-  this very request are fetched like hits but not counted as such.
+- ``usage.cached_prompt_tokens`` counts prompt tokens whose blocks were already computed
+  when the request arrived (a cache hit): in the store, or held in this worker's KV pool
+  by a running request (those are shared, not fetched). Blocks a prefill worker published
+  for this very request are fetched like hits but not counted as such.
 - A prompt goes to a prefill worker only when at least ``prefill_threshold_tokens`` of it
   are uncached and it has uncached full blocks; otherwise, and whenever the Prefill call
   fails for any reason (counted in ``kvrelay_local_prefill_fallbacks_total{reason}``),
   decode computes the missing full blocks itself, then publishes them.
 - Every check that can refuse a request (INVALID_ARGUMENT, RESOURCE_EXHAUSTED) runs before
   any store I/O or compute. The engine re-checks on admission.
-- Fetched payloads are copied out of the store client's receive buffer on a store thread
-  and imported into the KV pool on the compute thread (the only thread touching it).
+- Fetched payloads are copied on a store thread from the store client's receive buffer
+  straight into KV pool blocks reserved for the request (``kvblocks.BlockLanding``; the
+  allocator is thread-safe and no sequence reads those blocks yet); the compute thread
+  then adopts them at admission. Only when the pool has no room to spare (or lives on a
+  GPU) are they kept as bytes and imported on the compute thread instead.
 """

@@ -44,7 +44,7 @@ class TokenDelta:
 
 @dataclass(frozen=True)
 class Usage:
-    """Token counts (``cached_prompt_tokens``: found in the store on arrival)."""
+    """Token counts (``cached_prompt_tokens``: found in the store or the pool on arrival)."""
 
     prompt_tokens: int
     cached_prompt_tokens: int

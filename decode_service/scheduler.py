@@ -20,7 +20,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Executor, Future, wait
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,12 +39,19 @@ Publish = Callable[[list[BlockHash], list[np.ndarray]], None]
 
 @dataclass
 class Admission:
-    """A request ready to join the batch: its prompt blocks' hashes and fetched payloads."""
+    """A request ready to join the batch: its prompt blocks' hashes and its fetched prefix,
+    ``landed`` (pool blocks already holding it, ``kvblocks.BlockLanding``; the admission
+    owns one reference to each until it is admitted or dropped) then ``payloads``."""
 
     seq: Sequence
     hashes: list[BlockHash]
     payloads: list[bytes]
     events: asyncio.Queue[Any]
+    landed: list[int] = field(default_factory=list)
+
+    @property
+    def fetched(self) -> int:
+        return len(self.landed) + len(self.payloads)
 
 
 @dataclass(frozen=True)
@@ -64,21 +72,35 @@ class BatchScheduler:
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue[Any]] = {}
         self._deferred: deque[Admission] = deque()
-        self._unpublished: dict[str, tuple[list[BlockHash], int]] = {}
-        if publish is not None:
-            engine.on_prefill = self._publish_prefilled
+        self._hashes: dict[str, list[BlockHash]] = {}  # admitted prompts' block hashes
+        self._unpublished: dict[str, int] = {}  # first block not published yet
+        engine.on_prefill = self._after_prefill
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="compute", daemon=True)
+        self._running: Future[None] | None = None
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop, executor: Executor | None = None) -> None:
+        """Run the batch loop on ``executor`` (the runtime's compute thread, which loaded
+        the model: ``kvrelay.serving.runtime``), or on a new thread when None."""
         self._loop = loop
-        self._thread.start()
+        if executor is None:
+            self._running = Future()
+            threading.Thread(target=self._run_to, args=(self._running,), name="compute",
+                             daemon=True).start()
+        else:
+            self._running = executor.submit(self._run)
 
     def stop(self) -> None:
         self._stopping.set()
         self._inbox.put(lambda: None)
-        self._thread.join(timeout=10)
+        if self._running is not None:
+            wait([self._running], timeout=10)
+
+    def _run_to(self, done: Future[None]) -> None:
+        try:
+            self._run()
+        finally:
+            done.set_result(None)
 
     def submit(self, admission: Admission) -> None:
         """Queue ``admission``; its events arrive on ``admission.events``."""
@@ -124,6 +146,8 @@ class BatchScheduler:
         started = time.monotonic()
         runner = self.engine.runner
         try:
+            if a.landed:
+                runner.adopt_blocks(a.seq, a.landed)
             runner.import_blocks(a.seq, a.payloads)
             self.engine.add(a.seq)
         except OutOfBlocks as exc:
@@ -131,29 +155,45 @@ class BatchScheduler:
             if self.engine.has_unfinished:  # running requests will free blocks: retry then
                 self._deferred.append(a)
             else:
-                self._send(a.events, exc)
+                self._drop(a, exc)
             return
         except Exception as exc:  # noqa: BLE001 - the request gets it, the batch goes on
             runner.free(a.seq)
-            self._send(a.events, exc)
+            self._drop(a, exc)
             return
+        if a.hashes:
+            self._hashes[a.seq.seq_id] = a.hashes
+            runner.allocator.name(zip(a.seq.block_table[:a.fetched], a.hashes[:a.fetched]))
+            if self._publish is not None and a.fetched < len(a.hashes):
+                self._unpublished[a.seq.seq_id] = a.fetched
+        self._release_landed(a)  # the sequence holds its own references now
         self._queues[a.seq.seq_id] = a.events
-        if self._publish is not None and len(a.payloads) < len(a.hashes):
-            self._unpublished[a.seq.seq_id] = (a.hashes, len(a.payloads))
         self._send(a.events, Admitted(started, (time.monotonic() - started) * 1000))
 
-    def _publish_prefilled(self, seqs: list[Sequence]) -> None:
-        """Engine hook: publish the full blocks a prefill pass computed, once per request."""
-        assert self._publish is not None
+    def _release_landed(self, a: Admission) -> None:
+        if a.landed:
+            self.engine.runner.allocator.free(a.landed)
+            a.landed = []
+
+    def _drop(self, a: Admission, exc: Exception) -> None:
+        """End an admission that will not run: free what it holds, tell its request."""
+        self._release_landed(a)
+        self._send(a.events, exc)
+
+    def _after_prefill(self, seqs: list[Sequence]) -> None:
+        """Engine hook after a prefill pass: name the full prompt blocks it computed (so
+        later requests with the same prefix share them in the pool), and publish them once
+        per request."""
         runner = self.engine.runner
         for seq in seqs:
-            pending = self._unpublished.pop(seq.seq_id, None)
-            if pending is None:
+            hashes = self._hashes.get(seq.seq_id)
+            if not hashes:
                 continue
-            hashes, first = pending
-            last = min(len(hashes), seq.num_computed // runner.block_size)
-            if last > first:
-                self._publish(hashes[first:last], export_blocks(runner, seq, first, last))
+            full = min(len(hashes), seq.num_computed // runner.block_size)
+            runner.allocator.name(zip(seq.block_table[:full], hashes[:full]))
+            first = self._unpublished.pop(seq.seq_id, None)
+            if self._publish is not None and first is not None and full > first:
+                self._publish(hashes[first:full], export_blocks(runner, seq, first, full))
 
     def _retry_deferred(self) -> None:
         """Admit deferred requests in arrival order until one still does not fit."""
@@ -168,7 +208,9 @@ class BatchScheduler:
         deferred = [a for a in self._deferred if a.seq.seq_id == seq_id]
         for admission in deferred:
             self._deferred.remove(admission)
+            self._release_landed(admission)
         self._unpublished.pop(seq_id, None)
+        self._hashes.pop(seq_id, None)
         if self._queues.pop(seq_id, None) is not None:
             self.engine.abort(seq_id)
             self._metrics.kv_used.set(used_blocks(self.engine.runner))
@@ -183,6 +225,7 @@ class BatchScheduler:
                 deliveries.append((events, out))
             if out.finished:
                 self._queues.pop(out.seq_id, None)
+                self._hashes.pop(out.seq_id, None)
         if deliveries:  # one wake-up of the event loop per step, not one per request
             assert self._loop is not None
             self._loop.call_soon_threadsafe(_deliver, deliveries)
@@ -193,8 +236,9 @@ class BatchScheduler:
             self._send(events, exc)
         self._queues.clear()
         self._unpublished.clear()
+        self._hashes.clear()
         while self._deferred:
-            self._send(self._deferred.popleft().events, exc)
+            self._drop(self._deferred.popleft(), exc)
 
 
 def _deliver(deliveries: list[tuple[asyncio.Queue[Any], StepOutput]]) -> None:

@@ -17,7 +17,7 @@ from engine.sampling import SamplingParams
 from kvrelay.serving.auth import auth_interceptor, read_token
 from kvrelay.serving.lifecycle import Lifecycle
 from kvrelay.serving.metrics import WorkerMetrics
-from kvrelay.serving.runtime import Runtime, build_runtime
+from kvrelay.serving.runtime import Runtime, start_runtime
 from kvrelay.serving.server import build_server, serve
 from kvrelay.serving.tls import channel_credentials
 from protos.kvrelay.v1 import generation_pb2, generation_pb2_grpc
@@ -27,7 +27,7 @@ SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_nam
 
 
 def build_worker(config: DecodeConfig, runtime: Runtime) -> DecodeWorker:
-    """The worker and its batch thread (started on the running loop)."""
+    """The worker and its batch loop, started on the runtime's compute thread."""
     engine = LLMEngine(runtime.runner, runtime.loaded.tokenizer,
                        max_batch_size=config.max_batch_size)
     prefill = None
@@ -38,7 +38,7 @@ def build_worker(config: DecodeConfig, runtime: Runtime) -> DecodeWorker:
         api_key = read_token(config.prefill_api_key_file) if config.prefill_api_key_file else ""
         prefill = PrefillClient(config.prefill_addr, config.max_message_bytes, credentials, api_key)
     worker = DecodeWorker(runtime, config, engine, prefill)
-    worker.scheduler.start(asyncio.get_running_loop())
+    worker.scheduler.start(asyncio.get_running_loop(), runtime.compute)
     return worker
 
 
@@ -63,7 +63,7 @@ async def run(config: DecodeConfig) -> None:
     server = build_server(lifecycle, [SERVICE_NAME], config.max_message_bytes, register, auth)
 
     async def warm_up() -> None:
-        runtime = await asyncio.to_thread(build_runtime, config, metrics)
+        runtime = await start_runtime(config, metrics)
         servicer.worker = build_worker(config, runtime)
         await warm(servicer.worker)
 

@@ -15,7 +15,7 @@ so far is verified and part of a contiguous prefix, so the request goes on from 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from cachestore.hashing import BlockHash
@@ -33,15 +33,21 @@ prefill worker's compute needs."""
 
 class StorePrefix:
     """Blocks ``[0, fetched)`` of ``hashes``: verified and handed to ``sink`` in order, with
-    their index in ``hashes``. Fetches never run two at a time."""
+    their index in ``hashes``. Fetches never run two at a time. On the store thread, each
+    fetch of ``n`` blocks first calls ``reserve(n)`` and ends with ``settle()`` (room for
+    the blocks and giving back what was not used: ``kvblocks.BlockLanding``)."""
 
     def __init__(self, runtime: Runtime, hashes: list[BlockHash], sink: Sink,
-                 poll_interval_s: float = POLL_INTERVAL_S) -> None:
+                 poll_interval_s: float = POLL_INTERVAL_S, *,
+                 reserve: Callable[[int], None] | None = None,
+                 settle: Callable[[], None] | None = None, start: int = 0) -> None:
         self.hashes = hashes
-        self.fetched = 0
+        self.fetched = start  # blocks the caller has already (shared from the KV pool)
         self._rt = runtime
         self._sink = sink
         self._poll_interval_s = poll_interval_s
+        self._reserve = reserve
+        self._settle = settle
 
     async def fetch_to(self, end: int) -> int:
         """Fetch blocks ``[fetched, end)`` up to the first one missing or invalid; returns
@@ -54,7 +60,17 @@ class StorePrefix:
             self._sink(start + index, payload)
 
         rt = self._rt
-        added = await rt.on_store("fetch", rt.cache.fetch_prefix, self.hashes[start:end], sink)
+
+        def fetch() -> int:
+            if self._reserve is not None:
+                self._reserve(end - start)
+            try:
+                return rt.cache.fetch_prefix(self.hashes[start:end], sink)
+            finally:
+                if self._settle is not None:
+                    self._settle()
+
+        added = await rt.on_store("fetch", fetch)
         self.fetched += added
         return added
 
@@ -86,3 +102,39 @@ class StorePrefix:
             present = await rt.on_store("poll", rt.cache.lookup, self.hashes[self.fetched:])
             if present and await self.fetch_to(self.fetched + present) < present:
                 return  # a block vanished or did not verify: what is left waits for the reply
+
+
+class PrefixLeaders:
+    """Single flight for a prompt prefix in the decode worker's KV pool.
+
+    The first request with a given first block leads: it fetches (or has computed) the
+    prefix as usual. Requests with the same first block that arrive before the leader is
+    admitted wait for that (``wait_or_lead``), then share the blocks it holds in the pool
+    instead of fetching their own copies (``kvblocks.BlockLanding.share``): a burst of
+    requests on one system prompt fetches it once. A leader that fails, is cancelled or
+    is admitted ends its lead (``end``) and the waiting requests go on at once; none
+    waits longer than its ``timeout_s``.
+    """
+
+    def __init__(self) -> None:
+        self._leaders: dict[BlockHash, asyncio.Event] = {}
+
+    async def wait_or_lead(self, key: BlockHash, timeout_s: float) -> asyncio.Event | None:
+        """The event to ``end`` when this request leads for ``key``; else None, once the
+        current leader has ended (or ``timeout_s`` has passed)."""
+        leader = self._leaders.get(key)
+        if leader is None:
+            lead = self._leaders[key] = asyncio.Event()
+            return lead
+        if timeout_s > 0:
+            try:
+                await asyncio.wait_for(leader.wait(), timeout_s)
+            except TimeoutError:
+                pass
+        return None
+
+    def end(self, key: BlockHash, lead: asyncio.Event) -> None:
+        """Let the requests waiting on this lead go on (idempotent)."""
+        lead.set()
+        if self._leaders.get(key) is lead:
+            del self._leaders[key]

@@ -25,13 +25,13 @@ from decode_service.prefill_client import PrefillClient
 from decode_service.prompts import check_prompt, prompt_ids
 from decode_service.requests import Completion, GenerationRequest, Timings, TokenDelta, Usage
 from decode_service.scheduler import Admission, Admitted, BatchScheduler
-from decode_service.store_prefix import StorePrefix
+from decode_service.store_prefix import PrefixLeaders, StorePrefix
 from engine.engine import LLMEngine, StepOutput
 from engine.kv import OutOfBlocks
 from engine.sampling import InvalidRequest, InvalidSamplingParams
 from engine.sequence import Sequence
 from kvrelay.serving.errors import ServiceError, invalid_argument
-from kvrelay.serving.kvblocks import collect_payloads
+from kvrelay.serving.kvblocks import BlockLanding
 from kvrelay.serving.runtime import Runtime
 
 log = logging.getLogger("kvrelay.decode")
@@ -44,7 +44,7 @@ class _Plan:
 
     hashes: list[BlockHash]
     cached_blocks: int
-    payloads: list[bytes]
+    landing: BlockLanding
     prefill_ms: float
     fetch_ms: float
 
@@ -60,6 +60,7 @@ class DecodeWorker:
         self.scheduler = scheduler = BatchScheduler(
             engine, runtime.metrics, self.publish if publishes else None)
         self.prefill_client = prefill
+        self._leaders = PrefixLeaders()
         self.active = 0
         runtime.metrics.running.set_function(lambda: len(scheduler.engine.running))
         runtime.metrics.waiting.set_function(
@@ -102,18 +103,28 @@ class DecodeWorker:
     async def _stream(self, req: GenerationRequest, arrived: float,
                       time_left_s: float | None) -> AsyncIterator[TokenDelta | Completion]:
         token_ids, hashes = await asyncio.to_thread(self._prepare, req)
-        plan = await self._plan(req, token_ids, hashes, arrived, time_left_s)
         seq = Sequence(uuid.uuid4().hex, token_ids, req.params)
         events: asyncio.Queue[object] = asyncio.Queue()
-        self.scheduler.submit(Admission(seq, plan.hashes, plan.payloads, events))
-        finished = False
+        lead = None
+        if hashes:  # wait for a request fetching the same prefix, to share its blocks
+            wait_s = self.config.prefill_timeout_s
+            if time_left_s is not None:
+                wait_s = min(wait_s, time_left_s - (time.monotonic() - arrived) - _DEADLINE_MARGIN_S)
+            lead = await self._leaders.wait_or_lead(hashes[0], wait_s)
+        submitted = finished = False
         try:
-            async for item in self._follow(req, seq, plan, events, arrived):
+            plan = await self._plan(req, token_ids, hashes, arrived, time_left_s)
+            self.scheduler.submit(Admission(seq, plan.hashes, plan.landing.payloads, events,
+                                            plan.landing.blocks))
+            submitted = True
+            async for item in self._follow(req, seq, plan, events, arrived, lead):
                 finished = isinstance(item, Completion)
                 yield item
         finally:
-            if not finished:
+            if submitted and not finished:
                 self.scheduler.abort(seq.seq_id)
+            if lead is not None:
+                self._leaders.end(hashes[0], lead)
 
     # -- before any compute: the prompt and its checks ---------------------------------
 
@@ -131,18 +142,27 @@ class DecodeWorker:
                     arrived: float, time_left_s: float | None) -> _Plan:
         rt = self.runtime
         bs = rt.spec.block_size
-        cached = await rt.on_store("lookup", rt.cache.lookup, hashes) if hashes else 0
-        rt.metrics.queried_tokens.inc(len(hashes) * bs)
-        payloads: list[bytes] = []
-        prefix = StorePrefix(rt, hashes, collect_payloads(payloads))
-        started = time.monotonic()
-        available = await self._remote_prefill(req, ids, prefix, cached, arrived, time_left_s)
-        prefill_ms = (time.monotonic() - started) * 1000
-        started = time.monotonic()
-        await prefix.fetch_to(available)
+        landing = BlockLanding(self.scheduler.engine.runner, headroom=self.config.max_batch_size)
+        held = landing.share(hashes)  # blocks a running request holds: no fetch, no copy
+        try:  # the pool blocks shared or fetched into are this request's until submitted
+            cached = held
+            if held < len(hashes):
+                cached += await rt.on_store("lookup", rt.cache.lookup, hashes[held:])
+            rt.metrics.queried_tokens.inc(len(hashes) * bs)
+            rt.metrics.pool_shared_tokens.inc(held * bs)
+            prefix = StorePrefix(rt, hashes, landing.put, reserve=landing.reserve,
+                                 settle=landing.settle, start=held)
+            started = time.monotonic()
+            available = await self._remote_prefill(req, ids, prefix, cached, arrived, time_left_s)
+            prefill_ms = (time.monotonic() - started) * 1000
+            started = time.monotonic()
+            await prefix.fetch_to(available)
+        except BaseException:
+            landing.release()
+            raise
         hit = min(cached, prefix.fetched)
         rt.metrics.hit_tokens.inc(hit * bs)
-        return _Plan(hashes, hit, payloads, prefill_ms, (time.monotonic() - started) * 1000)
+        return _Plan(hashes, hit, landing, prefill_ms, (time.monotonic() - started) * 1000)
 
     async def _remote_prefill(self, req: GenerationRequest, ids: list[int], prefix: StorePrefix,
                               cached: int, arrived: float, time_left_s: float | None) -> int:
@@ -180,7 +200,8 @@ class DecodeWorker:
     # -- following the batch ------------------------------------------------------------
 
     async def _follow(self, req: GenerationRequest, seq: Sequence, plan: _Plan,
-                      events: asyncio.Queue[object], arrived: float
+                      events: asyncio.Queue[object], arrived: float,
+                      lead: asyncio.Event | None = None
                       ) -> AsyncIterator[TokenDelta | Completion]:
         admitted: Admitted | None = None
         first = last = 0.0
@@ -191,6 +212,8 @@ class DecodeWorker:
                 raise _as_service_error(event, req.input_field)
             if isinstance(event, Admitted):
                 admitted = event
+                if lead is not None:  # its prefix blocks are named in the pool now
+                    self._leaders.end(plan.hashes[0], lead)
                 continue
             assert isinstance(event, StepOutput) and admitted is not None
             now = time.monotonic()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import grpc
@@ -10,7 +9,7 @@ import grpc
 from kvrelay.serving.auth import auth_interceptor
 from kvrelay.serving.lifecycle import Lifecycle
 from kvrelay.serving.metrics import WorkerMetrics
-from kvrelay.serving.runtime import build_runtime
+from kvrelay.serving.runtime import start_runtime
 from kvrelay.serving.server import build_server, serve
 from prefill_service.config import PrefillConfig
 from prefill_service.servicer import PrefillServicer
@@ -35,7 +34,7 @@ async def run(config: PrefillConfig) -> None:
                           auth_interceptor(config.api_keys_file))
 
     async def warm_up() -> None:
-        runtime = await asyncio.to_thread(build_runtime, config, metrics)
+        runtime = await start_runtime(config, metrics)
         servicer.worker = PrefillWorker(runtime, config.max_requests,
                                         config.fault_exit_after_blocks)
         await servicer.worker.warm()

@@ -7,7 +7,7 @@ views are not, for a caller that keeps the blocks until their bytes are sent.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,6 +91,90 @@ def collect_payloads(payloads: list[bytes]) -> Callable[[int, memoryview], None]
     def sink(index: int, payload: memoryview) -> None:
         payloads.append(bytes(payload))
     return sink
+
+
+class BlockLanding:
+    """Where a request's fetched prefix blocks land, in prompt order.
+
+    Straight in the KV pool when it can: ``reserve(n)`` takes up to ``n`` free pool blocks
+    (never the last ``headroom``, which running sequences need to grow) and ``put`` copies
+    each verified payload from the receive buffer into the next of them: one memcpy into
+    memory that is already paged in, where a ``bytes`` copy costs a fresh allocation (and
+    its page faults) and a second copy into the pool at admission. In-process, 124 fp32
+    blocks of SmolLM2-135M fetched into ``bytes`` copies in 95 ms and into reused memory in
+    49 ms (no copy at all: 38 ms), and the import at admission took 18 ms; in the decode
+    worker, the fetch of a 1984-token prefix took 58-86 ms landing in the pool against
+    67-197 ms plus the import before. A block that
+    cannot land in the pool (a GPU or converting pool, no room) is kept as a ``bytes``
+    copy, and so is every one after it: the prefix is ``blocks`` then ``payloads``.
+
+    The landed blocks are allocated in the runner's allocator, owned by whoever holds
+    this object until ``release()``: the decode worker until it submits the admission,
+    then the scheduler (``adopt_blocks`` gives the sequence references of its own).
+    ``reserve``/``put``/``settle`` run on a store thread, one fetch at a time; the
+    allocator is thread-safe and the pool blocks written are nobody else's.
+    """
+
+    def __init__(self, runner: ModelRunner | None, headroom: int = 0) -> None:
+        self._runner = runner
+        self._headroom = headroom
+        self.blocks: list[int] = []
+        self.payloads: list[bytes] = []
+        self._reserved: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.blocks) + len(self.payloads)
+
+    def share(self, names: Sequence[bytes]) -> int:
+        """Take the leading blocks the pool already holds under these names (block hashes;
+        ``BlockAllocator.share_named``) as the first blocks of the prefix; returns how many.
+        Call before any ``put``."""
+        if self._runner is None or len(self):
+            return 0
+        shared = self._runner.allocator.share_named(names)
+        self.blocks += shared
+        return len(shared)
+
+    def reserve(self, n: int) -> None:
+        """Make room in the pool for the next ``n`` blocks, if it has room to spare."""
+        runner = self._runner
+        if runner is None or runner.kv is None or self.payloads or not runner.kv.lands_in_place:
+            return
+        more = n - len(self._reserved)
+        if more > 0:
+            self._reserved += runner.allocator.allocate_up_to(more, self._headroom)
+
+    def put(self, index: int, payload: memoryview) -> None:
+        """The fetch sink: block ``index`` of the prompt (they arrive in order)."""
+        if index != len(self):
+            raise ValueError(f"block {index} arrived, block {len(self)} was next")
+        if self._reserved and not self.payloads:
+            assert self._runner is not None and self._runner.kv is not None
+            block = self._reserved.pop(0)
+            dest = self._runner.kv.landing_bytes(block)
+            if payload.nbytes != dest.nbytes:
+                self._reserved.insert(0, block)
+                raise ValueError(f"block payload is {payload.nbytes} bytes, "
+                                 f"a pool block {dest.nbytes}")
+            np.copyto(dest, np.frombuffer(payload, np.uint8))
+            self.blocks.append(block)
+        else:
+            self.payloads.append(bytes(payload))
+
+    def settle(self) -> None:
+        """Give back reserved blocks that nothing was written to (after each fetch)."""
+        if self._reserved:
+            assert self._runner is not None
+            self._runner.allocator.free(self._reserved)
+            self._reserved = []
+
+    def release(self) -> None:
+        """Free every pool block this object holds; safe to call more than once."""
+        self.settle()
+        if self.blocks:
+            assert self._runner is not None
+            self._runner.allocator.free(self.blocks)
+            self.blocks = []
 
 
 def used_blocks(runner: ModelRunner) -> int:

@@ -60,6 +60,10 @@ class WorkerMetrics:
                                       "prompt tokens looked up in the prefix cache", registry=r)
         self.hit_tokens = Counter("kvrelay_prefix_cache_hit_tokens",
                                   "prompt tokens found in the prefix cache", registry=r)
+        self.pool_shared_tokens = Counter(
+            "kvrelay_kv_pool_shared_tokens",
+            "prompt tokens whose blocks a running request already held in the KV pool "
+            "(shared, not fetched; counted in the hits too)", registry=r)
         self.store_call = Histogram("kvrelay_store_call_seconds", "one batched store call",
                                     ["op"], buckets=_LATENCY_BUCKETS, registry=r)
         self.fallbacks = Counter("kvrelay_local_prefill_fallbacks",

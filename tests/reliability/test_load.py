@@ -7,9 +7,11 @@ import statistics
 from concurrent.futures import ThreadPoolExecutor
 
 from bench.chaos import process_usage
+from kvrelay.serving.worker_config import WorkerConfig
 from tests.reliability.conftest import BLOCK_SIZE, Reference, Spawned, generate, request
 
 GROUPS, PER_GROUP, CONCURRENCY = 4, 6, 4
+STORE_THREADS = WorkerConfig().store_threads  # the workers run with the default
 SYSTEMS = [f"System prompt {g}: you are the help desk of library {g}. " * 40 for g in range(GROUPS)]
 PROMPTS = [s + f"Question {q}: when do you open?" for s in SYSTEMS for q in range(PER_GROUP)]
 
@@ -44,5 +46,7 @@ def test_shared_prefixes_hit_the_cache_and_cut_ttft_with_flat_resources(
     assert hit_rate == 1.0
     assert all(r.usage.cached_prompt_tokens == 0 for r in cold)
     assert ttft_warm < 0.7 * ttft_cold
-    assert after["fds"] <= before["fds"] + 2
+    # the store's connection pool may still grow to one connection per store thread (how
+    # many calls overlapped in the warm-up is timing); a leak would grow with the requests
+    assert after["fds"] <= before["fds"] + STORE_THREADS + 2
     assert after["rss_kib"] < before["rss_kib"] + 64 * 1024

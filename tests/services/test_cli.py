@@ -101,3 +101,18 @@ def test_healthcheck_fails_when_nothing_serves() -> None:
                              f"127.0.0.1:{free_port()}", "--timeout", "1"],
                             capture_output=True, timeout=60, check=False)
     assert result.returncode == 1
+
+
+def test_co_located_workers_get_a_short_openmp_spin_unless_the_environment_chooses(
+        monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from kvrelay.cluster import ClusterSpec, worker_env
+
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    default = ClusterSpec(model="m").omp_spin_count
+    assert default is not None and worker_env(default)["GOMP_SPINCOUNT"] == str(default)
+    assert "GOMP_SPINCOUNT" not in worker_env(None)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert "GOMP_SPINCOUNT" not in worker_env(default)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "77")
+    assert worker_env(default)["GOMP_SPINCOUNT"] == "77"

@@ -221,3 +221,19 @@ def test_every_documented_metric_is_exported(cluster: Cluster) -> None:
         exported |= set(re.findall(r"^# TYPE (\w+) \w+", text, re.MULTILINE))
         exported |= set(re.findall(r"^(\w+)[{ ]", text, re.MULTILINE))
     assert documented <= exported, documented - exported
+
+
+def test_a_burst_on_one_prefix_shares_the_blocks_of_the_first_request(
+        cluster: Cluster, reference: Reference) -> None:
+    """Requests arriving together on one system prompt: the first fetches or computes it,
+    the others take its blocks in the decode worker's KV pool (single flight)."""
+    decode = cluster.decodes[0]
+    shared_metric = "kvrelay_kv_pool_shared_tokens_total"
+    before = decode.metric(shared_metric)
+    prompts = [SYSTEM * 2 + f"Question {i}: is the shop open on day {i}?" for i in range(4)]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        replies = list(pool.map(lambda p: _generate(decode, _request(p, 24, salt="burst")),
+                                prompts))
+    for prompt, reply in zip(prompts, replies):
+        assert list(reply.token_ids) == reference.greedy(reference.tokenizer.encode(prompt), 24)
+    assert decode.metric(shared_metric) > before

@@ -142,3 +142,27 @@ def test_a_failing_call_stops_the_polling_and_keeps_what_was_fetched() -> None:
 
     asyncio.run(run())
     assert got == [(i, i) for i in range(5)]
+
+
+def test_the_first_request_on_a_prefix_leads_and_the_others_wait_for_it() -> None:
+    from decode_service.store_prefix import PrefixLeaders
+
+    async def run() -> None:
+        leaders = PrefixLeaders()
+        lead = await leaders.wait_or_lead(b"p", 5.0)
+        assert lead is not None
+        other = await leaders.wait_or_lead(b"q", 5.0)  # another prefix: its own leader
+        assert other is not None
+        follower = asyncio.create_task(leaders.wait_or_lead(b"p", 5.0))
+        await asyncio.sleep(0.05)
+        assert not follower.done()  # waits while the leader fetches
+        leaders.end(b"p", lead)
+        assert await asyncio.wait_for(follower, 1.0) is None
+        leaders.end(b"p", lead)  # idempotent
+        assert await leaders.wait_or_lead(b"p", 5.0) is not None  # a new lead after the end
+        started = asyncio.get_running_loop().time()
+        assert await leaders.wait_or_lead(b"q", 0.05) is None  # bounded wait
+        assert asyncio.get_running_loop().time() - started < 1.0
+        assert await leaders.wait_or_lead(b"q", -1.0) is None  # no time left: no wait
+
+    asyncio.run(run())
