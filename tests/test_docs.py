@@ -22,5 +22,5 @@ def test_every_test_the_reliability_doc_names_exists() -> None:
     assert len(refs) > 50
     missing = [f"{f}::{name}" for f, name in refs
                if not _path(f).is_file()
-               or not re.search(rf"^\s*(async )?def {name}\(", _path(f).read_text(), re.M)]
+               or not re.search(rf"^\s*(async )?def {name}\(", _path(f).read_text(), re.MULTILINE)]
     assert missing == []

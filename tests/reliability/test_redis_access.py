@@ -36,7 +36,7 @@ def acl_redis() -> Iterator[int]:
                              "--save", "", "--appendonly", "no", "--aclfile", str(ACL_FILE)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for_redis(port, 10)
+        wait_for_redis(port, 30)
         yield port
     finally:
         stop_process(proc, grace_s=5)
@@ -44,7 +44,7 @@ def acl_redis() -> Iterator[int]:
 
 def _client(port: int, service: str | None) -> redis_py.Redis:
     user, password = _credentials(service) if service else (None, None)
-    return redis_py.Redis(port=port, username=user, password=password, socket_timeout=5)
+    return redis_py.Redis(port=port, username=user, password=password, socket_timeout=15)
 
 
 def test_prefill_may_write_only_kvrelay_keys(acl_redis: int) -> None:

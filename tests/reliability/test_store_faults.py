@@ -24,6 +24,7 @@ from tests.reliability.conftest import (
 )
 from tests.support.fault_proxy import FaultProxy
 from tests.support.redis_server import RedisServer
+from tests.support.timing import Stopwatch
 
 SYSTEM = ("Store faults cost cache hits, never requests. The store is only a cache, and "
           "every block that cannot be read is computed again by the worker itself. ")
@@ -104,10 +105,10 @@ def test_a_paused_store_costs_misses_within_the_deadline(
     prefill, decode = pair
     prompt = SYSTEM + "The store is paused."
     redis.client().execute_command("CLIENT", "PAUSE", "4000", "ALL")
-    started = time.monotonic()
+    watch = Stopwatch()
     assert is_serving(decode.addr, timeout_s=1.0) and is_serving(prefill.addr, timeout_s=1.0)
     reply = generate(decode, request(prompt, "paused"), timeout_s=5.0)
-    assert time.monotonic() - started < 3.5
+    assert watch.within(3.5), watch
     assert list(reply.token_ids) == _expected(reference, prompt)
     assert decode.metric('kvrelay_store_errors_total{kind="timeout"}') >= 1
 
@@ -148,17 +149,21 @@ def test_a_slow_store_gives_misses_without_head_of_line_blocking(
         proxy: FaultProxy, proxied_decode: Spawned, reference: Reference) -> None:
     prompts = [SYSTEM + f"Slow store, request {i}." for i in range(3)]
     generate(proxied_decode, request(prompts[0], "slow"))  # cached while the store is fast
+    shared = proxied_decode.metric("kvrelay_kv_pool_shared_tokens_total")
     proxy.faults.latency_s = 1.0
     try:
-        started = time.monotonic()
+        watch = Stopwatch()
         with ThreadPoolExecutor(3) as pool:
             replies = list(pool.map(lambda p: generate(proxied_decode, request(p, "slow")), prompts))
-        assert time.monotonic() - started < 6.0
+        assert watch.within(6.0), watch
     finally:
         proxy.faults.latency_s = 0.0
     for p, reply in zip(prompts, replies):
         assert list(reply.token_ids) == _expected(reference, p)
-        assert reply.usage.cached_prompt_tokens == 0
+    # Nothing came from the store. A request that arrived while another with the same
+    # first block was computing it may share that one's pool blocks, and counts them.
+    shared = proxied_decode.metric("kvrelay_kv_pool_shared_tokens_total") - shared
+    assert sum(r.usage.cached_prompt_tokens for r in replies) == shared
     assert proxied_decode.metric('kvrelay_store_errors_total{kind="timeout"}') >= 1
 
 
@@ -214,9 +219,9 @@ def test_a_black_holed_store_times_out_into_misses(
     proxy.drop_connections()
     proxy.faults.blackhole = True
     try:
-        started = time.monotonic()
+        watch = Stopwatch()
         reply = generate(proxied_decode, request(prompt, "blackhole"), timeout_s=5.0)
-        assert time.monotonic() - started < 3.0
+        assert watch.within(3.0), watch
     finally:
         proxy.faults.blackhole = False
     assert list(reply.token_ids) == _expected(reference, prompt)

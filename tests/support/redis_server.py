@@ -82,8 +82,9 @@ class RedisServer:
         return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
 
     def client(self, **kwargs: object) -> redis.Redis:
-        """An admin redis-py client (default user) with short timeouts."""
-        options: dict[str, object] = {"socket_timeout": 5, "socket_connect_timeout": 2}
+        """An admin redis-py client (default user) with bounded timeouts, long enough to
+        ride out a busy machine's multi-second stalls (tests/support/timing.py)."""
+        options: dict[str, object] = {"socket_timeout": 15, "socket_connect_timeout": 10}
         if self.tls:
             options["ssl_ca_certs"] = str(self.tls.ca_cert)
         return redis.Redis.from_url(self.url(), **(options | kwargs))
