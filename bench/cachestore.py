@@ -223,23 +223,29 @@ def _check_stored(work: Workload) -> None:
         raise RuntimeError(f"only {fetched}/{len(work.hashes)} blocks verified after the run")
 
 
+def _sig(value: float, digits: int = 3) -> float:
+    """``value`` to ``digits`` significant figures: a small workload on a slow machine
+    still reports a non-zero rate (``round(x, 1)`` turned 0.04 MB/s into 0.0)."""
+    return float(f"{value:.{digits}g}")
+
+
 def _row(work: Workload, op: str, runs: dict[str, list[Run]]) -> dict[str, object]:
     row: dict[str, object] = {
         "dtype": work.cache.spec.kv_dtype, "op": op, "block_size": work.cache.spec.block_size,
         "blocks": len(work.hashes), "payload_bytes": work.payload_bytes,
     }
+    walls = {client: statistics.median(r.wall for r in client_runs)
+             for client, client_runs in runs.items()}
     for client, client_runs in runs.items():
-        wall = statistics.median(r.wall for r in client_runs)
-        row[f"{client}_mb_s"] = round(work.payload_bytes / wall / 1e6, 1)
-        row[f"{client}_best_mb_s"] = round(
-            work.payload_bytes / min(r.wall for r in client_runs) / 1e6, 1)
-        row[f"{client}_client_cpu_ms"] = round(
-            1e3 * statistics.median(r.client_cpu for r in client_runs), 1)
-        row[f"{client}_server_cpu_ms"] = round(
-            1e3 * statistics.median(r.server_cpu for r in client_runs), 1)
+        row[f"{client}_mb_s"] = _sig(work.payload_bytes / walls[client] / 1e6)
+        row[f"{client}_best_mb_s"] = _sig(
+            work.payload_bytes / min(r.wall for r in client_runs) / 1e6)
+        row[f"{client}_client_cpu_ms"] = _sig(
+            1e3 * statistics.median(r.client_cpu for r in client_runs))
+        row[f"{client}_server_cpu_ms"] = _sig(
+            1e3 * statistics.median(r.server_cpu for r in client_runs))
     for peer in ("redis_py", "redis_py_pure"):
-        row[f"kvrelay_vs_{peer}"] = round(
-            float(row["kvrelay_mb_s"]) / float(row[f"{peer}_mb_s"]), 2)  # type: ignore[arg-type]
+        row[f"kvrelay_vs_{peer}"] = round(walls[peer] / walls["kvrelay"], 2)
     return row
 
 

@@ -114,8 +114,8 @@ def bench_decode(hf: Any, runner: ModelRunner, batch: int) -> dict[str, float]:
 
 
 def _table(results: dict[str, list[dict[str, float]]]) -> str:
-    lines = [f"{'case':<22}{'kvrelay tok/s':>15}{'HF tok/s':>12}{'ratio':>8}"
-             f"{'kvrelay ms/step':>17}{'HF ms/step':>12}"]
+    lines = [(f"{'case':<22}{'kvrelay tok/s':>15}{'HF tok/s':>12}{'ratio':>8}"
+              f"{'kvrelay ms/step':>17}{'HF ms/step':>12}")]
     for kind, key in (("prefill", "tokens"), ("decode", "batch")):
         for row in results[kind]:
             name = f"{kind} {key}={int(row[key])}"

@@ -12,7 +12,7 @@ from kvrelay.commands.up import resolve_model
 
 # A long shared system prompt (about 670 tokens with SmolLM2's tokenizer), so that the
 # reuse is plain to see: request 1 computes it, the others fetch its blocks from the store.
-SYSTEM_PROMPT = " ".join([
+SYSTEM_PROMPT = " ".join([  # noqa: FLY002 (one source line per sentence fragment reads best)
     "You are the support assistant of Wheelhouse, a small bicycle repair shop and rental",
     "counter on Harbour Street. Answer customers briefly and politely, in at most three",
     "sentences, using only the facts below. If a question is not covered, say that a",

@@ -70,7 +70,9 @@ def start_worker(role: str, model: Path, redis_url: str, log_dir: Path, *,
     port, metrics_port = free_port(), free_port()
     cmd = worker_command(role, model=str(model), port=port, metrics_port=metrics_port,
                          redis_url=redis_url, block_size=BLOCK_SIZE, prefill_addr=prefill_addr)
-    cmd += ["--num-blocks", "512", *extra]
+    # A generous store timeout: a test counting cache hits must not lose them to a stalled
+    # machine. A test of a hung store passes a short one in ``extra`` (the last one wins).
+    cmd += ["--num-blocks", "512", "--store-timeout-s", "2", *extra]
     log_path = log_dir / f"{role}-{port}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(die_with_parent(cmd), stdout=log, stderr=subprocess.STDOUT,

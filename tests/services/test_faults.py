@@ -214,7 +214,8 @@ def test_decode_needs_only_read_access_to_the_store(
 def test_a_hung_store_costs_misses_not_requests(
         tiny_model_dir: Path, tmp_path: Path, reference: Reference) -> None:
     hung = start_redis()
-    decode = start_worker("decode", tiny_model_dir, hung.url(), tmp_path)
+    decode = start_worker("decode", tiny_model_dir, hung.url(), tmp_path,
+                          extra=("--store-timeout-s", "0.5"))
     try:
         hung.client().execute_command("CLIENT", "PAUSE", "8000", "ALL")
         watch = Stopwatch()

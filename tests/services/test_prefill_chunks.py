@@ -3,6 +3,8 @@ as the size cap allows, then a last chunk of ``PUBLISH_CHUNK_BLOCKS``."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from prefill_service.worker import MAX_CHUNK_BLOCKS, PUBLISH_CHUNK_BLOCKS, chunks
@@ -29,7 +31,7 @@ def test_chunks_cover_the_range_in_order_within_the_cap() -> None:
         for last in range(first + 1, first + 700, 13):
             ranges = chunks(first, last, tail=8, size=50)
             edges = [first] + [b for _, b in ranges]
-            assert ranges == list(zip(edges, edges[1:])) and edges[-1] == last
+            assert ranges == list(itertools.pairwise(edges)) and edges[-1] == last
             assert all(0 < b - a <= 50 for a, b in ranges)
             assert ranges[-1][1] - ranges[-1][0] == min(8, last - first) or len(ranges) == 1
             assert len(ranges) == 1 + -(-max(0, last - first - 8) // 50)
