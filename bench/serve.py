@@ -203,9 +203,9 @@ def hf_generate(model_path: str, prompts: list[Prompt], w: Workload) -> tuple[li
         ids = torch.tensor([[0] * (width - len(b)) + b for b in batch])  # (B, T)
         mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch])  # (B, T)
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                                 max_new_tokens=w.output_tokens, min_new_tokens=w.output_tokens,
-                                 pad_token_id=0)
+            out = model.generate(  # type: ignore[misc]  # transformers' own stubs
+                input_ids=ids, attention_mask=mask, do_sample=False,
+                max_new_tokens=w.output_tokens, min_new_tokens=w.output_tokens, pad_token_id=0)
         outputs += out[:, width:].tolist()
     return outputs, time.monotonic() - start
 
