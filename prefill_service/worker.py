@@ -179,7 +179,15 @@ class PrefillWorker:
 def chunks(first: int, last: int, tail: int = PUBLISH_CHUNK_BLOCKS,
            size: int = MAX_CHUNK_BLOCKS) -> list[tuple[int, int]]:
     """Block ranges ``[a, b)`` covering ``[first, last)``: the last ``tail`` blocks, and
-    before them as few chunks of at most ``size`` blocks as will do, of even sizes."""
+    before them as few chunks of at most ``size`` blocks as will do, of even sizes.
+
+    A range with fewer than ``tail`` blocks before the last ones is one pass (when it fits
+    ``size``): an early pass that short publishes little ahead of the rest and costs a pass
+    over the weights of its own (in-process on a 2-core CPU, SmolLM2-135M: 34 blocks as 2 +
+    32 took 755-825 ms against 714-755 as one pass, 48 as 16 + 32 1048-1087 against 918-938;
+    128 as 96 + 32 cost the same as one pass)."""
+    if last - first < 2 * tail and last - first <= size:
+        return [(first, last)] if last > first else []
     body = max(first, last - tail)
     passes = -(-(body - first) // size)
     edges = [first] + [first + (body - first) * i // passes for i in range(1, passes + 1)]
