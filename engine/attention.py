@@ -38,6 +38,16 @@ class AttentionMetadata:
     shared: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
 
 
+@dataclass(frozen=True)
+class MixedMetadata:
+    """Groups of rows run in one pass (``ModelRunner.prefill_and_decode``): each group as
+    (its metadata, rows, tokens per row), their tokens packed one group after the other
+    along the token axis of a (1, N) batch. Projections see one batch of N tokens; each
+    group attends on its own, as it would in a pass of its own."""
+
+    parts: tuple[tuple[AttentionMetadata, int, int], ...]
+
+
 def write_kv(kv_layer: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata) -> None:
     """Store the new tokens' k/v (B, T, 2, kvh, hd) into ``kv_layer`` (NB, 2, bs, kvh, hd)."""
     if meta.slot_blocks is None:
@@ -60,8 +70,10 @@ def gather_kv(kv_layer: torch.Tensor, meta: AttentionMetadata,
 
 
 def paged_attention(q: torch.Tensor, kv: torch.Tensor, kv_layer: torch.Tensor | None,
-                    meta: AttentionMetadata) -> torch.Tensor:
+                    meta: AttentionMetadata | MixedMetadata) -> torch.Tensor:
     """q (B, T, H, hd), new k/v (B, T, 2, kvh, hd) -> attention output (B, T, H*hd)."""
+    if isinstance(meta, MixedMetadata):
+        return _mixed_attention(q, kv, kv_layer, meta)
     batch, t, heads, hd = q.shape
     if kv_layer is not None:
         write_kv(kv_layer, kv, meta)
@@ -79,6 +91,20 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, kv_layer: torch.Tensor | 
             q.transpose(1, 2), keys, values, attn_mask=meta.mask, is_causal=meta.mask is None,
             scale=meta.scale, enable_gqa=kvh != heads)  # (B, H, T, hd)
     return out.transpose(1, 2).reshape(batch, t, heads * hd)
+
+
+def _mixed_attention(q: torch.Tensor, kv: torch.Tensor, kv_layer: torch.Tensor | None,
+                     meta: MixedMetadata) -> torch.Tensor:
+    """Each group of a packed (1, N) batch attends on its own: q (1, N, H, hd), kv
+    (1, N, 2, kvh, hd) -> (1, N, H*hd)."""
+    outs, start = [], 0
+    for part, rows, t in meta.parts:
+        end = start + rows * t
+        out = paged_attention(q[0, start:end].unflatten(0, (rows, t)),
+                              kv[0, start:end].unflatten(0, (rows, t)), kv_layer, part)
+        outs.append(out.flatten(0, 1))  # (rows*t, H*hd)
+        start = end
+    return torch.cat(outs)[None]
 
 
 def _grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -87,17 +87,25 @@ class LLMEngine:
         return False
 
     def step(self) -> list[StepOutput]:
-        """One scheduler iteration: batched prefill of admitted sequences, one decode step."""
+        """One scheduler iteration: batched prefill of admitted sequences and one decode step
+    of the running ones, in one forward pass when there are both."""
         decode = self._reserve_decode()
         prefill = self._admit()
         outputs: list[StepOutput] = []
-        if prefill:
-            logits = self.runner.prefill(prefill)
+        prefill_logits: torch.Tensor | None
+        decode_logits: torch.Tensor | None
+        if prefill and decode:
+            # one pass: the running sequences' step does not wait for a pass of its own
+            prefill_logits, decode_logits = self.runner.prefill_and_decode(prefill, decode)
+        else:
+            prefill_logits = self.runner.prefill(prefill) if prefill else None
+            decode_logits = self.runner.decode(decode) if decode else None
+        if prefill_logits is not None:
             if self.on_prefill is not None:
                 self.on_prefill(prefill)
-            outputs += self._emit(prefill, logits)
-        if decode:
-            outputs += self._emit(decode, self.runner.decode(decode))
+            outputs += self._emit(prefill, prefill_logits)
+        if decode_logits is not None:
+            outputs += self._emit(decode, decode_logits)
         return outputs
 
     def generate(self, prompts: list[str] | list[list[int]],

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionMetadata, paged_attention
+from engine.attention import AttentionMetadata, MixedMetadata, paged_attention
 from engine.config import ModelConfig
 from engine.matmul import linear
 from engine.rope import apply_rope_, inverse_frequencies
@@ -89,7 +89,7 @@ class LlamaAttention(nn.Module):
         _fuse(self, "o_weight", [self.o_proj], "weight")
 
     def forward(self, x: torch.Tensor, rope: Rope, kv_layer: torch.Tensor | None,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata | MixedMetadata) -> torch.Tensor:
         b, t, _ = x.shape
         h, kvh, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = linear(x, self.qkv_weight, self.qkv_bias).view(b, t, h + 2 * kvh, hd)
@@ -135,7 +135,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, rope: Rope, kv_layer: torch.Tensor | None,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata | MixedMetadata) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, kv_layer, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -199,7 +199,7 @@ class LlamaForCausalLM(nn.Module):
                 for name in ("gate_up_weight", "down_weight")]
 
     def forward(self, input_ids: torch.Tensor, rope: Rope, kv: torch.Tensor | None,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata | MixedMetadata) -> torch.Tensor:
         """input_ids (B, T) -> normed hidden states (B, T, D); ``kv`` is the pool tensor or None."""
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         for i, layer in enumerate(self.model.layers):

@@ -9,12 +9,13 @@ kept: every pass recomputes each sequence from its first token (the fidelity ref
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from engine import matmul
-from engine.attention import AttentionMetadata
+from engine.attention import AttentionMetadata, MixedMetadata
 from engine.config import ModelConfig
 from engine.kv import BlockAllocator, KVPool
 from engine.model import LlamaForCausalLM
@@ -31,6 +32,16 @@ class RunnerSequence(Protocol):
     token_ids: list[int]
     num_computed: int
     block_table: list[int]
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One group of rows ready to run: ids and positions (B, T), real lengths, metadata."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    lens: list[int]
+    meta: AttentionMetadata
 
 
 class ModelRunner:
@@ -141,7 +152,46 @@ class ModelRunner:
         starts = [len(s.token_ids) - 1 if self.use_cache else 0 for s in seqs]
         return self._run(seqs, starts)
 
-    def _run(self, seqs: Seq[RunnerSequence], starts: list[int]) -> torch.Tensor:
+    @torch.inference_mode()
+    def prefill_and_decode(self, prefill: Seq[RunnerSequence], decode: Seq[RunnerSequence]
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``prefill(prefill)`` and ``decode(decode)`` in one forward pass: (logits, logits).
+
+        The two groups' tokens are packed one after the other (no padding of the decode rows
+        to the prompts' width), so every projection reads the weights once for both, and
+        each group attends as it would alone (``attention.MixedMetadata``). A decode step
+        that waits for a separate prefill pass of new requests pays a second pass over the
+        weights; here the new requests' tokens ride along with it. With the cache off, or
+        either group empty, the two run as separate passes.
+        """
+        if not (prefill and decode and self.use_cache):
+            return self.prefill(prefill) if prefill else self._no_logits(), \
+                self.decode(decode) if decode else self._no_logits()
+        if any(s.num_computed != len(s.token_ids) - 1 for s in decode):
+            raise ValueError("decode needs exactly one uncomputed token per sequence")
+        groups = [self._prepare(prefill, [min(s.num_computed, len(s.token_ids) - 1)
+                                          for s in prefill]),
+                  self._prepare(decode, [len(s.token_ids) - 1 for s in decode])]
+        ids = torch.cat([g.ids.flatten() for g in groups])[None]  # (1, N)
+        cos, sin = zip(*(self.rope.lookup(g.positions, self.dtype) for g in groups))
+        rope = (torch.cat([c.flatten(0, 1) for c in cos])[None],
+                torch.cat([c.flatten(0, 1) for c in sin])[None])  # (1, N, 1, hd) each
+        meta = MixedMetadata(tuple((g.meta, g.ids.shape[0], g.ids.shape[1]) for g in groups))
+        hidden = self.model(ids, rope, self._pool().tensor, meta)[0]  # (N, D)
+        last, offset = [], 0
+        for g in groups:
+            last += [offset + row * g.ids.shape[1] + n - 1 for row, n in enumerate(g.lens)]
+            offset += g.ids.numel()
+        logits = self.model.logits(hidden[torch.tensor(last, device=self.device)])
+        for seq in (*prefill, *decode):
+            seq.num_computed = len(seq.token_ids)
+        return logits[:len(prefill)], logits[len(prefill):]
+
+    def _no_logits(self) -> torch.Tensor:
+        return torch.empty(0, self.config.vocab_size, device=self.device)
+
+    def _prepare(self, seqs: Seq[RunnerSequence], starts: list[int]) -> _Pass:
+        """Blocks reserved, then the padded ids, positions and metadata of one group of rows."""
         for seq in seqs:
             self.reserve(seq, len(seq.token_ids))
         lens = [len(s.token_ids) - st for s, st in zip(seqs, starts)]
@@ -151,10 +201,13 @@ class ModelRunner:
         starts_t = torch.tensor(starts, device=self.device)
         positions = starts_t[:, None] + torch.arange(width, device=self.device)  # (B, T)
         self.rope.ensure(max(starts) + width)
-        meta = self._metadata(seqs, starts, lens, positions)
-        hidden = self.model(ids, self.rope.lookup(positions, self.dtype),
-                            None if self.kv is None else self.kv.tensor, meta)  # (B, T, D)
-        last = torch.tensor(lens, device=self.device) - 1
+        return _Pass(ids, positions, lens, self._metadata(seqs, starts, lens, positions))
+
+    def _run(self, seqs: Seq[RunnerSequence], starts: list[int]) -> torch.Tensor:
+        p = self._prepare(seqs, starts)
+        hidden = self.model(p.ids, self.rope.lookup(p.positions, self.dtype),
+                            None if self.kv is None else self.kv.tensor, p.meta)  # (B, T, D)
+        last = torch.tensor(p.lens, device=self.device) - 1
         logits = self.model.logits(hidden[torch.arange(len(seqs), device=self.device), last])
         for seq in seqs:
             seq.num_computed = len(seq.token_ids) if self.use_cache else 0

@@ -7,7 +7,7 @@ import torch
 
 from engine.kv import OutOfBlocks
 from engine.model import build_model
-from engine.runner import ModelRunner
+from engine.runner import MIN_SHARED_BLOCKS, ModelRunner
 from engine.sequence import Sequence
 from tests.engine.conftest import ModelPair, prompts
 
@@ -184,3 +184,41 @@ def test_on_prefill_sees_every_prompt_block_before_a_one_token_request_frees_the
     runner.prefill([reference])
     for i, block in enumerate(seen[0][2]):
         torch.testing.assert_close(block, runner.export_block(reference, i), **TOL)
+
+
+def test_prefill_and_decode_in_one_pass_match_each_in_a_pass_of_its_own(
+        llama_pair: ModelPair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """New prompts (one fresh, one on a held prefix) packed with a decode step whose rows
+    share leading blocks: every row's logits equal a full recompute, and the pass is one."""
+    runner = llama_pair.runner(num_blocks=128, block_size=4)
+    prefix = prompts(1, seed=41, lengths=(4 * MIN_SHARED_BLOCKS,))[0]
+    holder = Sequence("holder", prefix)
+    runner.prefill([holder])
+    decode = []
+    for i, tail in enumerate(prompts(3, seed=42, lengths=(2, 7, 5))):
+        seq = Sequence(f"d{i}", (prefix if i < 2 else []) + tail)
+        if i < 2:
+            runner.adopt_blocks(seq, holder.block_table)
+        runner.prefill([seq])
+        seq.token_ids.append(20 + i)
+        decode.append(seq)
+    fresh, held = prompts(2, seed=43, lengths=(9, 14))
+    on_prefix = Sequence("p1", held[:6])
+    runner.prefill([on_prefix])
+    on_prefix.token_ids += held[6:]
+    prefill = [Sequence("p0", fresh), on_prefix]
+
+    passes: list[tuple[int, ...]] = []
+    model_forward = type(runner.model).forward
+
+    def counted(self, ids, *args):  # type: ignore[no-untyped-def]
+        passes.append(tuple(ids.shape))
+        return model_forward(self, ids, *args)
+
+    monkeypatch.setattr(type(runner.model), "forward", counted)
+    prefill_logits, decode_logits = runner.prefill_and_decode(prefill, decode)
+    assert passes == [(1, 2 * 9 + 3)]  # 2 prompt rows padded to 9 new tokens, 3 decode rows
+    monkeypatch.undo()
+    for seq, got in zip([*prefill, *decode], [*prefill_logits, *decode_logits]):
+        torch.testing.assert_close(got, _full_prefill_logits(llama_pair, seq.token_ids), **TOL)
+        assert seq.num_computed == len(seq.token_ids)
