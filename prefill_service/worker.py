@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from kvrelay.serving.kvblocks import (
     block_views,
     collect_payloads,
     prefill_full_blocks,
+    prefill_full_blocks_batch,
     used_blocks,
 )
 from kvrelay.serving.runtime import Runtime
@@ -44,6 +46,105 @@ activations. A pass over a paged context attends with an explicit mask, which co
 per token than the first, causal pass (measured on CPU: a 2048-token prompt as 4 chunks of
 512 tokens took 1.2-1.8x the CPU time of one pass, as 1536 + 512 tokens 1.1-1.2x), so the
 blocks before the last chunk go in as few passes as this allows."""
+
+
+BATCH_TOKENS = 4096
+"""Most tokens (padded) in one pass that batches several calls' chunks (``PassBatcher``)."""
+
+BATCH_FILL = 0.75
+"""Least share of real tokens in such a pass: chunks of very different lengths go in
+passes of their own rather than padding the short ones to the long one's width."""
+
+
+class PassBatcher:
+    """The prefill passes of concurrent calls, batched on the compute thread.
+
+    A call asks for its next chunk (``compute``); a job on the compute thread takes the
+    chunks waiting when it starts, as many as ``BATCH_TOKENS`` and ``BATCH_FILL`` allow, in
+    arrival order, and computes them in one batched pass; the rest wait for the next job.
+    Calls that arrive together (a burst of new system prompts) are computed together and
+    reply together, instead of one pass each in turn; a call alone is its own pass. On a
+    full KV pool the chunks of a batch are retried one by one, so that one call's lack of
+    room fails that call only. A chunk whose call was cancelled before a job took it is
+    dropped; one already taken is computed before the cancelled call's release, which goes
+    through the compute thread after it (``PrefillWorker._prefill``).
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+        self._lock = threading.Lock()
+        self._waiting: list[tuple[Sequence, int, asyncio.Future[int]]] = []
+        self._job_queued = False
+
+    async def compute(self, seq: Sequence, num_blocks: int) -> int:
+        """``prefill_full_blocks(runner, seq, num_blocks)`` in the next batched pass."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[int] = loop.create_future()
+        with self._lock:
+            self._waiting.append((seq, num_blocks, done))
+            submit = not self._job_queued
+            self._job_queued = True
+        if submit:
+            self._rt.compute.submit(self._run, loop)
+        return await done
+
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the compute thread: one batched pass over the chunks that fit, then again
+        later for any left waiting."""
+        with self._lock:
+            batch = self._take()
+            again = bool(self._waiting)
+            self._job_queued = again
+        if again:
+            self._rt.compute.submit(self._run, loop)
+        runner = self._rt.runner
+        try:
+            results: list[int | BaseException] = list(prefill_full_blocks_batch(
+                runner, [(seq, n) for seq, n, _ in batch]))
+        except OutOfBlocks:
+            results = [self._alone(seq, n) for seq, n, _ in batch]
+        except Exception as exc:  # noqa: BLE001 - every caller in the batch gets it
+            results = [exc] * len(batch)
+        for (_, _, done), result in zip(batch, results):
+            loop.call_soon_threadsafe(_settle, done, result)
+
+    def _alone(self, seq: Sequence, n: int) -> int | BaseException:
+        try:
+            return prefill_full_blocks(self._rt.runner, seq, n)
+        except Exception as exc:  # noqa: BLE001 - handed to that call
+            return exc
+
+    def _take(self) -> list[tuple[Sequence, int, asyncio.Future[int]]]:
+        bs = self._rt.runner.block_size
+        batch: list[tuple[Sequence, int, asyncio.Future[int]]] = []
+        rest = []
+        widest = real = 0
+        for item in self._waiting:
+            seq, n, done = item
+            if done.cancelled():
+                # Never computed: its call frees its blocks through the compute thread
+                # after this job, and a chunk taken here would run before that.
+                continue
+            width = max(1, n * bs - seq.num_computed)
+            w = max(widest, width)
+            fits = (w * (len(batch) + 1) <= BATCH_TOKENS
+                    and real + width >= BATCH_FILL * w * (len(batch) + 1))
+            if not batch or fits:
+                batch.append(item)
+                widest, real = w, real + width
+            else:
+                rest.append(item)
+        self._waiting = rest
+        return batch
+
+
+def _settle(done: asyncio.Future[int], result: int | BaseException) -> None:
+    if done.cancelled():
+        return
+    if isinstance(result, BaseException):
+        done.set_exception(result)
+    else:
+        done.set_result(result)
 
 
 @dataclass(frozen=True)
@@ -75,6 +176,7 @@ class PrefillWorker:
         self._exit_after_blocks = fault_exit_after_blocks
         self._slots = max_requests
         self._active = 0
+        self._passes = PassBatcher(runtime)
 
     def _check(self, job: PrefillJob) -> list[BlockHash]:
         rt = self.runtime
@@ -143,7 +245,7 @@ class PrefillWorker:
         publishes: list[asyncio.Future[int]] = []
         try:
             for first, last in chunks(len(payloads), len(hashes)):
-                await self._on_compute(prefill_full_blocks, rt.runner, seq, last)
+                await self._passes.compute(seq, last)
                 views = block_views(rt.runner, seq, first, last)
                 if 0 < self._exit_after_blocks < len(hashes) - len(payloads):
                     await self._die_midway(hashes[first:last], views)

@@ -30,14 +30,22 @@ def prefill_full_blocks(runner: ModelRunner, seq: RunnerSequence, num_blocks: in
 
     Returns the tokens computed (0 when those blocks are already held).
     """
-    end = num_blocks * runner.block_size
-    if end <= seq.num_computed:
-        return 0
-    view = _LeadingBlocks(seq.token_ids[:end], seq.num_computed, seq.block_table)
-    start = seq.num_computed
-    runner.prefill([view])
-    seq.num_computed = view.num_computed
-    return end - start
+    return prefill_full_blocks_batch(runner, [(seq, num_blocks)])[0]
+
+
+def prefill_full_blocks_batch(runner: ModelRunner,
+                              items: Sequence[tuple[RunnerSequence, int]]) -> list[int]:
+    """``prefill_full_blocks`` of several sequences in one batched pass (each padded to
+    the widest); the tokens computed for each."""
+    bs = runner.block_size
+    todo = [(seq, _LeadingBlocks(seq.token_ids[:n * bs], seq.num_computed, seq.block_table))
+            for seq, n in items if n * bs > seq.num_computed]
+    starts = [seq.num_computed for seq, _ in items]
+    if todo:
+        runner.prefill([view for _, view in todo])
+        for seq, view in todo:
+            seq.num_computed = view.num_computed
+    return [seq.num_computed - start for (seq, _), start in zip(items, starts)]
 
 
 def export_blocks(runner: ModelRunner, seq: RunnerSequence, first: int, last: int) -> list[np.ndarray]:

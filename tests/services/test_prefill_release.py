@@ -1,6 +1,7 @@
 """A Prefill call replies once its own passes and publishes are over, not after the passes
-other calls queued on the worker's one compute thread meanwhile; a call cancelled while its
-pass waits frees its blocks only after that pass has run."""
+other calls queued on the worker's one compute thread meanwhile; calls whose chunks wait
+together are computed in one batched pass; a call cancelled while its pass runs frees its
+blocks only after that pass."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import asyncio
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from engine.sequence import Sequence
 from kvrelay.serving.metrics import WorkerMetrics
 from kvrelay.serving.runtime import Runtime, start_runtime
 from kvrelay.serving.worker_config import WorkerConfig
@@ -29,15 +32,15 @@ def _job(runtime: Runtime, name: str, first_id: int) -> PrefillJob:
 def test_a_call_replies_without_waiting_for_passes_queued_after_its_own(
         tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gate, second_running = threading.Event(), threading.Event()
-    real_pass = worker_module.prefill_full_blocks
+    real_pass = worker_module.prefill_full_blocks_batch
 
-    def gated(runner, seq, last):  # type: ignore[no-untyped-def]
-        if seq.seq_id == "second":
+    def gated(runner, items):  # type: ignore[no-untyped-def]
+        if any(seq.seq_id == "second" for seq, _ in items):
             second_running.set()
             assert gate.wait(60)
-        return real_pass(runner, seq, last)
+        return real_pass(runner, items)
 
-    monkeypatch.setattr(worker_module, "prefill_full_blocks", gated)
+    monkeypatch.setattr(worker_module, "prefill_full_blocks_batch", gated)
 
     async def run() -> None:
         config = WorkerConfig(model=str(tiny_model_dir), block_size=BLOCK_SIZE, num_blocks=64)
@@ -67,20 +70,20 @@ def test_a_call_replies_without_waiting_for_passes_queued_after_its_own(
     asyncio.run(run())
 
 
-def test_a_call_cancelled_while_its_pass_waits_frees_its_blocks_after_the_pass(
+def test_a_call_cancelled_while_its_pass_runs_frees_its_blocks_after_the_pass(
         tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gate, running = threading.Event(), threading.Event()
     blocks_during_pass: list[int] = []
-    real_pass = worker_module.prefill_full_blocks
+    real_pass = worker_module.prefill_full_blocks_batch
 
-    def gated(runner, seq, last):  # type: ignore[no-untyped-def]
+    def gated(runner, items):  # type: ignore[no-untyped-def]
         running.set()
         assert gate.wait(60)
-        out = real_pass(runner, seq, last)
-        blocks_during_pass.append(len(seq.block_table))
+        out = real_pass(runner, items)
+        blocks_during_pass.extend(len(seq.block_table) for seq, _ in items)
         return out
 
-    monkeypatch.setattr(worker_module, "prefill_full_blocks", gated)
+    monkeypatch.setattr(worker_module, "prefill_full_blocks_batch", gated)
 
     async def run() -> None:
         config = WorkerConfig(model=str(tiny_model_dir), block_size=BLOCK_SIZE, num_blocks=64)
@@ -102,3 +105,60 @@ def test_a_call_cancelled_while_its_pass_waits_frees_its_blocks_after_the_pass(
             runtime.close()
 
     asyncio.run(run())
+
+
+def test_chunks_waiting_together_are_computed_in_one_pass(
+        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    passes: list[list[str]] = []
+    real_pass = worker_module.prefill_full_blocks_batch
+
+    def recorded(runner, items):  # type: ignore[no-untyped-def]
+        passes.append([seq.seq_id for seq, _ in items])
+        return real_pass(runner, items)
+
+    monkeypatch.setattr(worker_module, "prefill_full_blocks_batch", recorded)
+
+    async def run() -> None:
+        config = WorkerConfig(model=str(tiny_model_dir), block_size=BLOCK_SIZE, num_blocks=64)
+        runtime = await start_runtime(config, WorkerMetrics())
+        batcher = worker_module.PassBatcher(runtime)
+        hold = threading.Event()
+        try:
+            runtime.compute.submit(hold.wait, 60)  # the compute thread is busy meanwhile
+            seqs = [Sequence(name, _job(runtime, name, 40 * i).token_ids)
+                    for i, name in enumerate("abc")]
+            tasks = [asyncio.create_task(batcher.compute(seq, 2)) for seq in seqs]
+            await asyncio.sleep(0.1)  # every chunk is waiting
+            hold.set()
+            assert await asyncio.wait_for(asyncio.gather(*tasks), 30) == [2 * BLOCK_SIZE] * 3
+            assert passes == [["a", "b", "c"]]
+            assert all(s.num_computed == 2 * BLOCK_SIZE and len(s.block_table) == 2 for s in seqs)
+        finally:
+            hold.set()
+            runtime.close()
+
+    asyncio.run(run())
+
+
+def test_a_batch_takes_chunks_in_order_that_fill_it_and_drops_cancelled_ones() -> None:
+    batcher = worker_module.PassBatcher(SimpleNamespace(runner=SimpleNamespace(  # type: ignore[arg-type]
+        block_size=BLOCK_SIZE)))
+    loop = asyncio.new_event_loop()
+    try:
+        def chunk(name: str, blocks: int, held: int = 0):  # type: ignore[no-untyped-def]
+            seq = Sequence(name, [1] * (blocks * BLOCK_SIZE + 1))
+            seq.num_computed = held
+            return (seq, blocks, loop.create_future())
+
+        items = [chunk("a", 32), chunk("cancelled", 32), chunk("b", 30), chunk("short", 2),
+                 chunk("c", 34, held=32), *(chunk(name, 32) for name in "defghi")]
+        items[1][2].cancel()
+        batcher._waiting = list(items)
+        taken = [seq.seq_id for seq, _, _ in batcher._take()]
+        # 512 new tokens a row ("c" holds 32 of its 544): 8 rows fill BATCH_TOKENS, the 9th
+        # waits; "short" (32 tokens) would leave too much of the batch padding and waits too
+        assert (worker_module.BATCH_TOKENS, worker_module.BATCH_FILL) == (4096, 0.75)
+        assert taken == ["a", "b", "c", "d", "e", "f", "g", "h"]
+        assert [seq.seq_id for seq, _, _ in batcher._waiting] == ["short", "i"]
+    finally:
+        loop.close()
