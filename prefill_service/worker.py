@@ -241,7 +241,8 @@ class PrefillWorker:
         the next one computes; returns the blocks newly written. Publishes read the pool in place:
         ``seq`` holds its blocks until every publish is over."""
         rt = self.runtime
-        await self._on_compute(self._import, seq, payloads)
+        if payloads:  # (nothing to import: no place in the compute thread's queue)
+            await self._on_compute(self._import, seq, payloads)
         publishes: list[asyncio.Future[int]] = []
         try:
             for first, last in chunks(len(payloads), len(hashes)):
