@@ -175,7 +175,7 @@ class ModelRunner:
         ids = torch.cat([g.ids.flatten() for g in groups])[None]  # (1, N)
         cos, sin = zip(*(self.rope.lookup(g.positions, self.dtype) for g in groups))
         rope = (torch.cat([c.flatten(0, 1) for c in cos])[None],
-                torch.cat([c.flatten(0, 1) for c in sin])[None])  # (1, N, 1, hd) each
+                torch.cat([s.flatten(0, 1) for s in sin])[None])  # (1, N, 1, hd) each
         meta = MixedMetadata(tuple((g.meta, g.ids.shape[0], g.ids.shape[1]) for g in groups))
         hidden = self.model(ids, rope, self._pool().tensor, meta)[0]  # (N, D)
         last, offset = [], 0

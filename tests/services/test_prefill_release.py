@@ -6,8 +6,10 @@ blocks only after that pass."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,6 +31,19 @@ def _job(runtime: Runtime, name: str, first_id: int) -> PrefillJob:
     return PrefillJob(ids, "", hashes, runtime.spec.fingerprint, name)
 
 
+@contextlib.asynccontextmanager
+async def _runtime(model_dir: Path, gate: threading.Event) -> AsyncIterator[Runtime]:
+    """A prefill runtime on the tiny model, without a store; ``gate`` is opened before it
+    closes, so that no pass stays blocked on it."""
+    config = WorkerConfig(model=str(model_dir), block_size=BLOCK_SIZE, num_blocks=64)
+    runtime = await start_runtime(config, WorkerMetrics())
+    try:
+        yield runtime
+    finally:
+        gate.set()
+        runtime.close()
+
+
 def test_a_call_replies_without_waiting_for_passes_queued_after_its_own(
         tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gate, second_running = threading.Event(), threading.Event()
@@ -43,17 +58,15 @@ def test_a_call_replies_without_waiting_for_passes_queued_after_its_own(
     monkeypatch.setattr(worker_module, "prefill_full_blocks_batch", gated)
 
     async def run() -> None:
-        config = WorkerConfig(model=str(tiny_model_dir), block_size=BLOCK_SIZE, num_blocks=64)
-        runtime = await start_runtime(config, WorkerMetrics())
-        real_publish = runtime.cache.publish
+        async with _runtime(tiny_model_dir, gate) as runtime:
+            real_publish = runtime.cache.publish
 
-        def slow_publish(hashes, views):  # type: ignore[no-untyped-def]
-            time.sleep(0.5)  # the second call's pass gets queued meanwhile
-            return real_publish(hashes, views)
+            def slow_publish(hashes, views):  # type: ignore[no-untyped-def]
+                time.sleep(0.5)  # the second call's pass gets queued meanwhile
+                return real_publish(hashes, views)
 
-        runtime.cache.publish = slow_publish  # type: ignore[method-assign]
-        worker = PrefillWorker(runtime, max_requests=4)
-        try:
+            runtime.cache.publish = slow_publish  # type: ignore[method-assign]
+            worker = PrefillWorker(runtime, max_requests=4)
             first = asyncio.create_task(worker.prefill(_job(runtime, "first", 0)))
             await asyncio.sleep(0.1)
             second = asyncio.create_task(worker.prefill(_job(runtime, "second", 100)))
@@ -63,9 +76,6 @@ def test_a_call_replies_without_waiting_for_passes_queued_after_its_own(
             gate.set()
             assert (await asyncio.wait_for(second, 30)).computed_tokens == 2 * BLOCK_SIZE
             assert runtime.runner.allocator.num_free == 64  # both calls' blocks are back
-        finally:
-            gate.set()
-            runtime.close()
 
     asyncio.run(run())
 
@@ -86,10 +96,8 @@ def test_a_call_cancelled_while_its_pass_runs_frees_its_blocks_after_the_pass(
     monkeypatch.setattr(worker_module, "prefill_full_blocks_batch", gated)
 
     async def run() -> None:
-        config = WorkerConfig(model=str(tiny_model_dir), block_size=BLOCK_SIZE, num_blocks=64)
-        runtime = await start_runtime(config, WorkerMetrics())
-        worker = PrefillWorker(runtime, max_requests=4)
-        try:
+        async with _runtime(tiny_model_dir, gate) as runtime:
+            worker = PrefillWorker(runtime, max_requests=4)
             call = asyncio.create_task(worker.prefill(_job(runtime, "cancelled", 0)))
             await asyncio.wait_for(asyncio.to_thread(running.wait, 30), 40)
             call.cancel()
@@ -100,9 +108,6 @@ def test_a_call_cancelled_while_its_pass_runs_frees_its_blocks_after_the_pass(
             await asyncio.wrap_future(runtime.compute.submit(lambda: None))  # the queue is drained
             assert blocks_during_pass == [2]  # the pass ran on blocks still its own
             assert runtime.runner.allocator.num_free == 64
-        finally:
-            gate.set()
-            runtime.close()
 
     asyncio.run(run())
 
@@ -119,11 +124,9 @@ def test_chunks_waiting_together_are_computed_in_one_pass(
     monkeypatch.setattr(worker_module, "prefill_full_blocks_batch", recorded)
 
     async def run() -> None:
-        config = WorkerConfig(model=str(tiny_model_dir), block_size=BLOCK_SIZE, num_blocks=64)
-        runtime = await start_runtime(config, WorkerMetrics())
-        batcher = worker_module.PassBatcher(runtime)
         hold = threading.Event()
-        try:
+        async with _runtime(tiny_model_dir, hold) as runtime:
+            batcher = worker_module.PassBatcher(runtime)
             runtime.compute.submit(hold.wait, 60)  # the compute thread is busy meanwhile
             seqs = [Sequence(name, _job(runtime, name, 40 * i).token_ids)
                     for i, name in enumerate("abc")]
@@ -133,9 +136,6 @@ def test_chunks_waiting_together_are_computed_in_one_pass(
             assert await asyncio.wait_for(asyncio.gather(*tasks), 30) == [2 * BLOCK_SIZE] * 3
             assert passes == [["a", "b", "c"]]
             assert all(s.num_computed == 2 * BLOCK_SIZE and len(s.block_table) == 2 for s in seqs)
-        finally:
-            hold.set()
-            runtime.close()
 
     asyncio.run(run())
 
