@@ -1,125 +1,193 @@
-"""Projection matmuls in whichever of two product forms is faster on this machine.
+"""Projection matmuls in whichever of three product forms is fastest on this machine.
 
 The model stores every projection weight ``W`` (out, in) column-major (``engine.model``).
-A few rows ``x`` (M, in) can then be multiplied two ways:
+A few or many rows ``x`` (M, in) can be multiplied three ways:
 
-* ``F.linear(x, W)``: BLAS multiplies ``x`` by ``W.T``, a plain row-major (in, out) matrix;
-* ``W @ x.T``, copied back to row order: BLAS tiles along the long output axis instead of
-  the few rows.
+* ``linear``: ``F.linear(x, W)``, which PyTorch's CPU build hands to MKL's ``sgemm``;
+* ``transposed``: ``W @ x.T``, copied back to row order, so that BLAS tiles along the long
+  output axis instead of the few rows;
+* ``onednn``: oneDNN's inner-product primitive (``torch.ops.mkldnn._linear_pointwise``, the
+  op PyTorch's own compiler emits for CPU linears), whose kernels are generated for the
+  instruction set the CPU reports.
 
-Which one wins depends on the CPU and the BLAS build, not only on the shapes. With 16-64
-rows of SmolLM2-135M's projections, ``W @ x.T`` was 1.2-2.3x faster on a 2-core AMD EPYC
-(AVX2) and 1.35x slower on a 2-core Intel Xeon (AVX-512); with 2-8 rows it lost on both.
-A fixed rule is therefore wrong on some machine, so ``tune`` times both forms once, on
-the model's own weights (every layer's, so the timing streams them from memory as a decode
-step does), per weight shape and power-of-two row bucket, the way cuDNN's benchmark mode
-picks convolution algorithms; ``linear`` then follows that plan and uses ``F.linear``
-wherever nothing was measured (one row, prefill chunks, GPUs). Both forms compute the
-same dot products, so the choice changes speed only: results agree to float rounding.
+Which one wins depends on the CPU and the BLAS build, not only on the shapes. On a 2-core
+Intel Xeon (AVX-512) ``linear`` won for most row counts; on a 2-core AMD EPYC (AVX2),
+``transposed`` was 1.2-2.3x faster at 16-64 rows; on a 2-core AMD EPYC with AVX-512,
+``onednn`` was 1.3-2x faster than ``linear`` from one row to 2048 (MKL does not use its
+AVX-512 kernels on AMD CPUs). A fixed rule is therefore wrong on some machine, so ``tune``
+times every form once, on the model's own weights (every layer's, so the timing streams
+them from memory as a decode step does), per weight shape and power-of-two row bucket, the
+way cuDNN's benchmark mode picks convolution algorithms; ``linear`` then follows that plan
+and uses ``F.linear`` wherever nothing was measured (GPUs, or without tuning). All forms
+compute the same dot products, so the choice changes speed only: results agree to float
+rounding.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-TUNED_ROWS = (8, 16, 32, 64)
-"""Row buckets that are measured; other row counts use ``F.linear`` (2-7 rows: ``W @ x.T``
-was several times slower on every machine measured; above 64 rows BLAS packs either way)."""
+LINEAR, TRANSPOSED, ONEDNN = 0, 1, 2
+FORMS = ("linear", "transposed", "onednn")
+
+LARGE_ROWS = 128
+"""Row counts from here up share one bucket: the product is bound by arithmetic, not by
+streaming the weight, and the winning form no longer changes with the row count."""
+
+TUNED_ROWS = (1, 2, 4, 8, 16, 32, 64, LARGE_ROWS)
+"""Row buckets that are measured: every bucket a decode step or a prefill pass can fall in."""
+
+DECODE_ROWS = TUNED_ROWS[:-1]
+"""Buckets measured for the LM head, which multiplies one row per sequence."""
+
+TIMED_WEIGHTS = 8
+"""Weights of a group that are timed: enough layers to stream from memory as a decode step
+does (SmolLM2-135M's eight smallest, 10 MB, already overflow the L2 caches, and the forms'
+turns to run first rotate), few enough to measure all cases in about a second."""
+
+LARGE_WEIGHTS = 4
+"""Weights of a group timed at ``LARGE_ROWS`` rows: at that size nothing is bound by
+reading the weight, so more would take longer and tell nothing more."""
 
 MIN_GAIN = 1.10
-"""``W @ x.T`` must be at least this much faster to be chosen (timings jitter ~5%)."""
+"""Another form must be at least this much faster than ``linear`` to be chosen (timings
+jitter by ~5%)."""
 
 _Key = tuple[int, int, torch.dtype, int]  # (out, in, dtype, row bucket)
-_transposed: set[_Key] = set()
-_measured: set[_Key] = set()
+_plan: dict[_Key, int] = {}  # measured (or set) cases -> form; absent means ``linear``
+
+
+def _onednn_op() -> Callable[..., torch.Tensor] | None:
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise  # type: ignore[no-any-return]
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN = _onednn_op()
 
 
 def _bucket(rows: int) -> int:
-    return 1 << (rows.bit_length() - 1)
+    return min(1 << (rows.bit_length() - 1), LARGE_ROWS)
 
 
 def _key(weight: torch.Tensor, rows: int) -> _Key:
     return (weight.shape[0], weight.shape[1], weight.dtype, _bucket(rows))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-           ) -> torch.Tensor:
-    """x (..., in) @ weight (out, in).T + bias -> (..., out), always contiguous.
-
-    The ``W @ x.T`` product is copied back to row order (a few hundred KB): left
-    transposed, every later op would see a last dimension with a stride, and SDPA then
-    leaves its fused CPU kernel for the math path (5x slower at a 544-token context).
-    """
-    rows = x.reshape(-1, x.shape[-1])  # (M, in)
-    if not _transposed or _key(weight, rows.shape[0]) not in _transposed:
-        return F.linear(x, weight, bias)
+def _product(form: int, rows: torch.Tensor, weight: torch.Tensor,
+             bias: torch.Tensor | None) -> torch.Tensor:
+    """rows (M, in) -> (M, out), contiguous, in ``form``."""
+    if form == LINEAR:
+        return F.linear(rows, weight, bias)
+    if form == ONEDNN:
+        assert _ONEDNN is not None
+        return _ONEDNN(rows.contiguous(), weight, bias, "none", [], "")
+    # W @ x.T is copied back to row order (a few hundred KB): left transposed, every later
+    # op would see a last dimension with a stride, and SDPA then leaves its fused CPU
+    # kernel for the math path (5x slower at a 544-token context).
     out = (torch.mm(weight, rows.t()) if bias is None
            else torch.addmm(bias[:, None], weight, rows.t()))  # (out, M)
-    return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])
+    return out.t().contiguous()
 
 
-def use_transposed(weight: torch.Tensor, rows: int, transposed: bool = True) -> None:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """x (..., in) @ weight (out, in).T + bias -> (..., out), always contiguous."""
+    if not _plan or x.numel() == 0:
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])  # (M, in)
+    form = _plan.get(_key(weight, rows.shape[0]), LINEAR)
+    if form == LINEAR:
+        return F.linear(x, weight, bias)
+    return _product(form, rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+def set_form(weight: torch.Tensor, rows: int, form: int) -> None:
     """Set the form for ``weight``'s shape and ``rows``' bucket by hand (tests, overrides)."""
-    key = _key(weight, rows)
-    _measured.add(key)
-    (_transposed.add if transposed else _transposed.discard)(key)
+    if form == ONEDNN and _ONEDNN is None:
+        raise RuntimeError("oneDNN is not available in this PyTorch build")
+    _plan[_key(weight, rows)] = form
+
+
+def available_forms(weight: torch.Tensor) -> tuple[int, ...]:
+    """The forms that can multiply ``weight`` here (oneDNN: CPU builds with it, float types)."""
+    if weight.device.type != "cpu":
+        return (LINEAR,)
+    return (LINEAR, TRANSPOSED) if _ONEDNN is None else (LINEAR, TRANSPOSED, ONEDNN)
 
 
 def tune(groups: Iterable[Sequence[torch.Tensor]], rows: Sequence[int] = TUNED_ROWS,
-         repeats: int = 2) -> dict[str, float]:
-    """Time both forms for each group of same-shape weights and bucket not yet measured.
+         repeats: int = 1) -> dict[str, dict[str, float]]:
+    """Time every form for each group of same-shape weights and bucket not yet measured.
 
-    CPU only (elsewhere ``F.linear`` stays). Returns ``{"<out>x<in>@<rows>": speedup of
-    W @ x.T over F.linear}`` for what it measured; the plan is process-wide and kept.
+    CPU only (elsewhere ``F.linear`` stays). Returns ``{"<out>x<in>@<rows>": {form: speedup
+    over linear}}`` for what it measured; the plan is process-wide and kept.
     """
-    report: dict[str, float] = {}
+    report: dict[str, dict[str, float]] = {}
     started = time.perf_counter()
     for group in groups:
         weight = group[0]
-        if weight.device.type != "cpu":
+        forms = available_forms(weight)
+        if len(forms) == 1:
             continue
         for m in rows:
             key = _key(weight, m)
-            if key in _measured:
+            if key in _plan:
                 continue
-            speedup = _speedup(group, m, repeats)
-            _measured.add(key)
-            if speedup >= MIN_GAIN:
-                _transposed.add(key)
-            report[f"{weight.shape[0]}x{weight.shape[1]}@{m}"] = round(speedup, 2)
+            timed = group[:LARGE_WEIGHTS if m >= LARGE_ROWS else TIMED_WEIGHTS]
+            speedups = _speedups(timed, m, forms, repeats)
+            best = max(speedups, key=lambda f: speedups[f])
+            _plan[key] = best if speedups[best] >= MIN_GAIN else LINEAR
+            report[f"{weight.shape[0]}x{weight.shape[1]}@{m}"] = {
+                FORMS[f]: round(s, 2) for f, s in speedups.items()}
     if report:
-        chosen = sorted(k for k, v in report.items() if v >= MIN_GAIN)
-        log.info("matmul forms measured in %.2f s; W @ x.T for %s",
-                 time.perf_counter() - started, ", ".join(chosen) or "none")
+        log.info("matmul forms measured in %.2f s: %s", time.perf_counter() - started,
+                 ", ".join(f"{case} {_chosen(s)}" for case, s in report.items()))
     return report
 
 
-@torch.inference_mode()
-def _speedup(group: Sequence[torch.Tensor], rows: int, repeats: int) -> float:
-    """``F.linear``'s time over ``W @ x.T``'s across the whole group, best of ``repeats``.
+def _chosen(speedups: dict[str, float]) -> str:
+    best = max(speedups, key=lambda f: speedups[f])
+    return best if speedups[best] >= MIN_GAIN else "linear"
 
-    The two forms alternate weight by weight, so load from other processes (a worker
-    starting beside this one) falls on both alike instead of on whichever ran second;
-    which of them goes first alternates too, as the second one finds the weight cached.
+
+@torch.inference_mode()
+def _speedups(group: Sequence[torch.Tensor], rows: int, forms: Sequence[int],
+              repeats: int) -> dict[int, float]:
+    """``linear``'s time over each form's across ``group``, best of ``repeats``.
+
+    The forms alternate weight by weight, so load from other processes (a worker starting
+    beside this one) falls on all alike instead of on whichever ran last; their order
+    rotates too, as the ones after the first find the weight cached. A form that fails on
+    this weight (a dtype oneDNN lacks here) is left out.
     """
     x = torch.randn(rows, group[0].shape[1], dtype=group[0].dtype)
-    forms = (lambda w: F.linear(x, w), lambda w: torch.mm(w, x.t()).t().contiguous())
-    best = [float("inf"), float("inf")]
+    usable = []
+    for form in forms:
+        try:
+            _product(form, x, group[0], None)
+            usable.append(form)
+        except RuntimeError:
+            pass
+    best = dict.fromkeys(usable, float("inf"))
     for rep in range(repeats + 1):  # the first round warms up and is not counted
-        spent = [0.0, 0.0]
+        spent = dict.fromkeys(usable, 0.0)
         for n, w in enumerate(group):
-            for i in (0, 1) if n % 2 else (1, 0):
-                form = forms[i]
+            shift = (n + rep) % len(usable)
+            for form in usable[shift:] + usable[:shift]:
                 start = time.perf_counter()
-                form(w)
-                spent[i] += time.perf_counter() - start
+                _product(form, x, w, None)
+                spent[form] += time.perf_counter() - start
         if rep:
-            best = [min(b, s) for b, s in zip(best, spent)]
-    return best[0] / best[1]
+            best = {f: min(best[f], spent[f]) for f in usable}
+    return {f: best[LINEAR] / best[f] for f in usable}

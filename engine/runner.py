@@ -50,7 +50,7 @@ class ModelRunner:
     ``loaded`` is anything with ``config`` and ``model`` attributes (``engine.loader.LoadedModel``)
     or a ``(config, model)`` pair. The model is fused in place and run under inference mode.
     On a CPU, ``tune_matmuls`` measures once per process and weight shape which matmul form
-    is faster for batched decode rows (``engine.matmul``; about a second for SmolLM2-135M).
+    is fastest for each row count (``engine.matmul``; one to two seconds for SmolLM2-135M).
     """
 
     def __init__(self, loaded: Any, *, num_blocks: int, block_size: int,
@@ -61,6 +61,7 @@ class ModelRunner:
         self.model.fuse_()
         if tune_matmuls:
             matmul.tune(self.model.projection_groups())
+            matmul.tune([[self.model.head_weight]], rows=matmul.DECODE_ROWS)
         weight = model.model.embed_tokens.weight
         self.dtype, self.device = weight.dtype, weight.device
         self.block_size = block_size

@@ -7,30 +7,33 @@ import torch
 import torch.nn.functional as F
 
 from engine import matmul
-from engine.matmul import linear, use_transposed
+from engine.matmul import LINEAR, ONEDNN, TRANSPOSED, linear, set_form
 from engine.model import _column_major
 from engine.rope import apply_rope_
 
 TOL: dict[str, float] = {"atol": 1e-5, "rtol": 1e-5}
+FORMS = [LINEAR, TRANSPOSED] + ([ONEDNN] if matmul._ONEDNN is not None else [])
 
 
 @pytest.fixture(autouse=True)
 def fresh_plan(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test starts from an empty process-wide matmul plan and leaves none behind."""
-    monkeypatch.setattr(matmul, "_transposed", set())
-    monkeypatch.setattr(matmul, "_measured", set())
+    monkeypatch.setattr(matmul, "_plan", {})
 
 
-@pytest.mark.parametrize("rows", [1, 2, 8, 16, 17, 63, 64, 65])
-@pytest.mark.parametrize("transposed", [False, True])
+def test_onednn_is_available_in_the_pinned_cpu_build() -> None:
+    assert matmul._ONEDNN is not None  # torch==2.13.0's CPU wheel ships oneDNN
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, 16, 17, 63, 64, 65, 300])
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_matches_f_linear_in_either_form(rows: int, transposed: bool,
-                                                with_bias: bool) -> None:
+def test_linear_matches_f_linear_in_every_form(rows: int, form: int, with_bias: bool) -> None:
     g = torch.Generator().manual_seed(rows)
     weight = _column_major(torch.randn(48, 32, generator=g))
     bias = torch.randn(48, generator=g) if with_bias else None
     x = torch.randn(rows, 1, 32, generator=g)  # (B, T, in) as in decode
-    use_transposed(weight, rows, transposed)
+    set_form(weight, rows, form)
     expected = F.linear(x, weight, bias)
     got = linear(x, weight, bias)
     assert got.shape == (rows, 1, 48)
@@ -38,10 +41,10 @@ def test_linear_matches_f_linear_in_either_form(rows: int, transposed: bool,
     torch.testing.assert_close(got, expected, **TOL)
 
 
-def test_the_transposed_form_is_used_only_for_its_shape_and_row_bucket(
+def test_a_form_is_used_only_for_its_shape_and_row_bucket(
         monkeypatch: pytest.MonkeyPatch) -> None:
     weight, other = torch.randn(48, 32), torch.randn(40, 32)
-    use_transposed(weight, 16)  # bucket 16: 16-31 rows
+    set_form(weight, 16, TRANSPOSED)  # bucket 16: 16-31 rows
     calls: list[tuple[int, ...]] = []
     real_mm = torch.mm
     monkeypatch.setattr(torch, "mm", lambda a, b: calls.append(tuple(a.shape)) or real_mm(a, b))
@@ -51,36 +54,55 @@ def test_the_transposed_form_is_used_only_for_its_shape_and_row_bucket(
     assert calls == [(48, 32), (48, 32)]  # 16 and 31 rows of ``weight`` only
 
 
-def test_linear_result_can_be_split_into_heads() -> None:
+def test_row_counts_from_large_rows_up_share_one_bucket() -> None:
+    weight = torch.randn(48, 32)
+    set_form(weight, matmul.LARGE_ROWS, TRANSPOSED)
+    assert matmul._key(weight, 4096) == matmul._key(weight, matmul.LARGE_ROWS)
+    assert matmul._key(weight, matmul.LARGE_ROWS - 1) != matmul._key(weight, matmul.LARGE_ROWS)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_linear_result_can_be_split_into_heads(form: int) -> None:
     weight = _column_major(torch.randn(4 * 8, 16))
-    use_transposed(weight, 32)
-    x = torch.randn(2, 16, 16)  # (B, T, in): 32 rows in the transposed form
+    set_form(weight, 32, form)
+    x = torch.randn(2, 16, 16)  # (B, T, in): 32 rows
     out = linear(x, weight).view(2, 16, 4, 8)  # (B, T, heads, hd)
     torch.testing.assert_close(out, F.linear(x, weight).view(2, -1, 4, 8), **TOL)
 
 
 def test_tune_follows_the_measurement_and_measures_each_case_once(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    measured: list[tuple[tuple[int, ...], int]] = []
+    measured: list[tuple[int, int]] = []
 
-    def fake_speedup(group: list[torch.Tensor], rows: int, repeats: int) -> float:
-        measured.append((tuple(group[0].shape), rows))
-        return 2.0 if rows >= 32 else 1.0  # W @ x.T twice as fast from 32 rows up
+    def fake_speedups(group: list[torch.Tensor], rows: int, forms: list[int],
+                      repeats: int) -> dict[int, float]:
+        measured.append((len(group), rows))
+        if rows >= 32:  # W @ x.T twice as fast from 32 rows up, oneDNN 1.5x
+            return {LINEAR: 1.0, TRANSPOSED: 2.0, ONEDNN: 1.5}
+        if rows == 16:  # oneDNN wins, but by less than MIN_GAIN
+            return {LINEAR: 1.0, TRANSPOSED: 0.5, ONEDNN: 1.05}
+        return {LINEAR: 1.0, TRANSPOSED: 0.9, ONEDNN: 1.3}
 
-    monkeypatch.setattr(matmul, "_speedup", fake_speedup)
-    group = [torch.randn(48, 32) for _ in range(3)]
-    report = matmul.tune([group], rows=(8, 16, 32, 64))
-    assert report == {"48x32@8": 1.0, "48x32@16": 1.0, "48x32@32": 2.0, "48x32@64": 2.0}
-    assert matmul.tune([group], rows=(8, 16, 32, 64)) == {}  # the plan is kept
-    assert len(measured) == 4
-    assert matmul._key(group[0], 40) in matmul._transposed
-    assert matmul._key(group[0], 20) not in matmul._transposed
+    monkeypatch.setattr(matmul, "_speedups", fake_speedups)
+    group = [torch.randn(48, 32) for _ in range(10)]
+    report = matmul.tune([group], rows=(8, 16, 32, matmul.LARGE_ROWS))
+    assert report["48x32@32"] == {"linear": 1.0, "transposed": 2.0, "onednn": 1.5}
+    assert set(report) == {"48x32@8", "48x32@16", "48x32@32", f"48x32@{matmul.LARGE_ROWS}"}
+    assert matmul.tune([group], rows=(8, 16, 32)) == {}  # the plan is kept
+    # all ten weights would stream like a decode step; large rows time only a few
+    assert measured == [(matmul.TIMED_WEIGHTS, 8), (matmul.TIMED_WEIGHTS, 16),
+                        (matmul.TIMED_WEIGHTS, 32), (matmul.LARGE_WEIGHTS, matmul.LARGE_ROWS)]
+    assert matmul._plan[matmul._key(group[0], 40)] == TRANSPOSED
+    assert matmul._plan[matmul._key(group[0], 20)] == LINEAR
+    assert matmul._plan[matmul._key(group[0], 12)] == ONEDNN
 
 
 def test_tune_times_real_matmuls_and_keeps_results_exact() -> None:
     group = [_column_major(torch.randn(64, 32)) for _ in range(2)]
-    report = matmul.tune([group], rows=(8, 16), repeats=1)
-    assert set(report) == {"64x32@8", "64x32@16"} and all(v > 0 for v in report.values())
+    report = matmul.tune([group], rows=(8, 16))
+    assert set(report) == {"64x32@8", "64x32@16"}
+    assert all(set(s) == {matmul.FORMS[f] for f in FORMS} and all(v > 0 for v in s.values())
+               for s in report.values())
     x = torch.randn(16, 32)
     torch.testing.assert_close(linear(x, group[0]), F.linear(x, group[0]), **TOL)
 
@@ -97,7 +119,8 @@ def test_rope_in_place_on_a_strided_view_matches_rotate_half() -> None:
     assert torch.equal(qkv[:, :, 3:], untouched)
 
 
-def test_batched_decode_attention_uses_the_fused_sdpa_kernel(tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("form", FORMS)
+def test_batched_decode_attention_uses_the_fused_sdpa_kernel(tmp_path, form: int) -> None:  # type: ignore[no-untyped-def]
     """16 decoding rows over a held context must not fall back to SDPA's math path."""
     from engine.config import ModelConfig
     from engine.model import build_model
@@ -114,7 +137,7 @@ def test_batched_decode_attention_uses_the_fused_sdpa_kernel(tmp_path) -> None: 
         torch.nn.init.normal_(p, std=0.05)
     runner = ModelRunner((config, model), num_blocks=128, block_size=4, tune_matmuls=False)
     for group in model.projection_groups():
-        use_transposed(group[0], 16)  # the form that once left SDPA a strided input
+        set_form(group[0], 16, form)  # W @ x.T once left SDPA a strided input
     seqs = [Sequence(f"s{i}", list(range(1, 10 + i))) for i in range(16)]
     runner.prefill(seqs)
     for s in seqs:
