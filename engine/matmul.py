@@ -21,13 +21,26 @@ way cuDNN's benchmark mode picks convolution algorithms; ``linear`` then follows
 and uses ``F.linear`` wherever nothing was measured (GPUs, or without tuning). All forms
 compute the same dot products, so the choice changes speed only: results agree to float
 rounding.
+
+Measuring takes seconds (for SmolLM2-135M, 2-3 s alone and twice that beside another
+worker starting), so ``tune_cached`` keeps each plan in a small JSON file keyed by what the
+timings depend on (CPU model, thread count, torch version, weight shapes and row buckets),
+under a file lock: workers starting together on one machine measure once, and later starts
+read the plan instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import json
 import logging
+import os
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -191,3 +204,98 @@ def _speedups(group: Sequence[torch.Tensor], rows: int, forms: Sequence[int],
         if rep:
             best = {f: min(best[f], spent[f]) for f in usable}
     return {f: best[LINEAR] / best[f] for f in usable}
+
+
+Job = tuple[Sequence[Sequence[torch.Tensor]], Sequence[int]]  # (weight groups, row buckets)
+
+
+def default_plan_dir() -> Path:
+    """``$KVRELAY_CACHE_DIR/matmul`` (default ``~/.cache/kvrelay/matmul``)."""
+    root = os.environ.get("KVRELAY_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache/kvrelay") / "matmul"
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return os.uname().machine
+
+
+def plan_key(jobs: Sequence[Job]) -> str:
+    """What the measurements of ``jobs`` depend on, as a short digest."""
+    cases = [[[list(g[0].shape), str(g[0].dtype), g[0].device.type] for g in groups if g]
+             + [list(rows)] for groups, rows in jobs]
+    what = [_cpu_model(), os.cpu_count(), torch.get_num_threads(), torch.__version__,
+            _ONEDNN is not None, TIMED_WEIGHTS, LARGE_WEIGHTS, MIN_GAIN, cases]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:24]
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path.with_suffix(".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"not a dtype: {name}")
+    return dtype
+
+
+def _read_plan(path: Path) -> dict[_Key, int] | None:
+    """The plan stored at ``path``, or None if there is none or it does not parse."""
+    try:
+        entries = json.loads(path.read_text())
+        return {(int(out), int(inn), _dtype(dtype), int(rows)): FORMS.index(form)
+                for out, inn, dtype, rows, form in entries}
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _write_plan(path: Path, plan: dict[_Key, int]) -> None:
+    entries = [[out, inn, str(dtype), rows, FORMS[form]]
+               for (out, inn, dtype, rows), form in sorted(plan.items(), key=str)]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(entries, f)
+    os.replace(tmp, path)  # readers see the old file or the whole new one
+
+
+def tune_cached(jobs: Sequence[Job], plan_dir: Path | None) -> str:
+    """``tune`` each job, or read the plan an earlier identical measurement stored.
+
+    Returns how the plan was obtained ("measured", "read" or "measured, not stored").
+    Without ``plan_dir`` this is ``tune``. A plan file that is unreadable is measured anew
+    and replaced; one that cannot be written (read-only home) costs only the next start's
+    measurement.
+    """
+    if plan_dir is None:
+        for groups, rows in jobs:
+            tune(groups, rows)
+        return "measured, not stored"
+    path = plan_dir / f"plan-{plan_key(jobs)}.json"
+    try:
+        plan_dir.mkdir(parents=True, exist_ok=True)
+        with _locked(path):
+            stored = _read_plan(path) if path.exists() else None
+            if stored is not None:
+                _plan.update(stored)
+                log.info("matmul plan read from %s", path)
+                return "read"
+            for groups, rows in jobs:
+                tune(groups, rows)
+            cases = {_key(g[0], m) for groups, rows in jobs for g in groups if g for m in rows}
+            _write_plan(path, {k: v for k, v in _plan.items() if k in cases})
+            return "measured"
+    except OSError as err:
+        log.warning("matmul plan not cached (%s); measuring", err)
+        for groups, rows in jobs:
+            tune(groups, rows)
+        return "measured, not stored"

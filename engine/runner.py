@@ -50,18 +50,22 @@ class ModelRunner:
     ``loaded`` is anything with ``config`` and ``model`` attributes (``engine.loader.LoadedModel``)
     or a ``(config, model)`` pair. The model is fused in place and run under inference mode.
     On a CPU, ``tune_matmuls`` measures once per process and weight shape which matmul form
-    is fastest for each row count (``engine.matmul``; one to two seconds for SmolLM2-135M).
+    is fastest for each row count (``engine.matmul``; a few seconds for SmolLM2-135M), and
+    with ``keep_matmul_plan`` keeps the plan on disk for the next start to read
+    (``matmul.tune_cached``).
     """
 
     def __init__(self, loaded: Any, *, num_blocks: int, block_size: int,
-                 use_cache: bool = True, tune_matmuls: bool = True) -> None:
+                 use_cache: bool = True, tune_matmuls: bool = True,
+                 keep_matmul_plan: bool = True) -> None:
         config, model = loaded if isinstance(loaded, tuple) else (loaded.config, loaded.model)
         self.config: ModelConfig = config
         self.model: LlamaForCausalLM = model.eval()
         self.model.fuse_()
         if tune_matmuls:
-            matmul.tune(self.model.projection_groups())
-            matmul.tune([[self.model.head_weight]], rows=matmul.DECODE_ROWS)
+            matmul.tune_cached([(self.model.projection_groups(), matmul.TUNED_ROWS),
+                                ([[self.model.head_weight]], matmul.DECODE_ROWS)],
+                               matmul.default_plan_dir() if keep_matmul_plan else None)
         weight = model.model.embed_tokens.weight
         self.dtype, self.device = weight.dtype, weight.device
         self.block_size = block_size

@@ -185,3 +185,59 @@ def test_building_a_model_stays_off_torchs_python_reference_ops() -> None:
         "print(sorted(m for m in ('sympy', 'torch._dynamo') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def _counting_speedups(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+
+    def fake(group: list[torch.Tensor], rows: int, forms: list[int],
+             repeats: int) -> dict[int, float]:
+        calls.append(rows)
+        return {LINEAR: 1.0, TRANSPOSED: 2.0 if rows >= 16 else 0.5}
+
+    monkeypatch.setattr(matmul, "_speedups", fake)
+    return calls
+
+
+def test_a_kept_plan_is_read_by_the_next_start_instead_of_measured(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    calls = _counting_speedups(monkeypatch)
+    group = [torch.randn(48, 32) for _ in range(2)]
+    jobs = [([group], (8, 16)), ([[torch.randn(40, 32)]], (1,))]
+    assert matmul.tune_cached(jobs, tmp_path) == "measured"
+    measured = dict(matmul._plan)
+    assert len(calls) == 3 and measured[matmul._key(group[0], 16)] == TRANSPOSED
+    monkeypatch.setattr(matmul, "_plan", {})  # a new process
+    assert matmul.tune_cached(jobs, tmp_path) == "read"
+    assert len(calls) == 3 and matmul._plan == measured
+    # other shapes are another plan, which holds every case of its jobs, measured before or not
+    more = [*jobs, ([[torch.randn(64, 32)]], (8,))]
+    assert matmul.tune_cached(more, tmp_path) == "measured"
+    assert len(calls) == 4 and len(list(tmp_path.glob("plan-*.json"))) == 2
+    monkeypatch.setattr(matmul, "_plan", {})
+    assert matmul.tune_cached(more, tmp_path) == "read" and len(matmul._plan) == 4
+
+
+def test_a_broken_plan_file_is_measured_anew_and_replaced(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    calls = _counting_speedups(monkeypatch)
+    jobs = [([[torch.randn(48, 32)]], (8, 16))]
+    path = tmp_path / f"plan-{matmul.plan_key(jobs)}.json"
+    for broken in ('[[48, 32, "torch.float32", 8, "no-such-form"]]', "{not json", "[[1, 2]]"):
+        path.write_text(broken)
+        monkeypatch.setattr(matmul, "_plan", {})
+        assert matmul.tune_cached(jobs, tmp_path) == "measured"
+        assert matmul._read_plan(path) == matmul._plan
+    assert len(calls) == 6
+
+
+def test_without_a_directory_or_with_an_unwritable_one_the_plan_is_only_measured(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    calls = _counting_speedups(monkeypatch)
+    jobs = [([[torch.randn(48, 32)]], (16,))]
+    assert matmul.tune_cached(jobs, None) == "measured, not stored"
+    monkeypatch.setattr(matmul, "_plan", {})
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert matmul.tune_cached(jobs, blocker / "matmul") == "measured, not stored"
+    assert len(calls) == 2 and matmul._plan[matmul._key(jobs[0][0][0][0], 16)] == TRANSPOSED
