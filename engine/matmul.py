@@ -8,7 +8,11 @@ A few or many rows ``x`` (M, in) can be multiplied three ways:
   output axis instead of the few rows;
 * ``onednn``: oneDNN's inner-product primitive (``torch.ops.mkldnn._linear_pointwise``, the
   op PyTorch's own compiler emits for CPU linears), whose kernels are generated for the
-  instruction set the CPU reports.
+  instruction set the CPU reports;
+* ``split``: the output columns cut into one slice per thread, multiplied as one batched
+  product (``torch.bmm`` runs the slices on the threads side by side). MKL multiplies a
+  single row on one core only, which reads memory at about half of what two cores do; on a
+  2-core AMD EPYC a single-row decode step's projections took 27 ms this way against 33 ms.
 
 Which one wins depends on the CPU and the BLAS build, not only on the shapes. On a 2-core
 Intel Xeon (AVX-512) ``linear`` won for most row counts; on a 2-core AMD EPYC (AVX2),
@@ -47,8 +51,8 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-LINEAR, TRANSPOSED, ONEDNN = 0, 1, 2
-FORMS = ("linear", "transposed", "onednn")
+LINEAR, TRANSPOSED, ONEDNN, SPLIT = 0, 1, 2, 3
+FORMS = ("linear", "transposed", "onednn", "split")
 
 LARGE_ROWS = 128
 """Row counts from here up share one bucket: the product is bound by arithmetic, not by
@@ -60,10 +64,11 @@ TUNED_ROWS = (1, 2, 4, 8, 16, 32, 64, LARGE_ROWS)
 DECODE_ROWS = TUNED_ROWS[:-1]
 """Buckets measured for the LM head, which multiplies one row per sequence."""
 
-TIMED_WEIGHTS = 8
+TIMED_WEIGHTS = 12
 """Weights of a group that are timed: enough layers to stream from memory as a decode step
-does (SmolLM2-135M's eight smallest, 10 MB, already overflow the L2 caches, and the forms'
-turns to run first rotate), few enough to measure all cases in about a second."""
+does (SmolLM2-135M's twelve smallest, 16 MB, overflow the L2 caches many times over, and
+the forms' turns to run first rotate), few enough to measure every case in a few seconds
+(once per machine: the plan is kept)."""
 
 LARGE_WEIGHTS = 4
 """Weights of a group timed at ``LARGE_ROWS`` rows: at that size nothing is bound by
@@ -105,12 +110,27 @@ def _product(form: int, rows: torch.Tensor, weight: torch.Tensor,
     if form == ONEDNN:
         assert _ONEDNN is not None
         return _ONEDNN(rows.contiguous(), weight, bias, "none", [], "")
+    if form == SPLIT:
+        return _split(rows, weight, bias)
     # W @ x.T is copied back to row order (a few hundred KB): left transposed, every later
     # op would see a last dimension with a stride, and SDPA then leaves its fused CPU
     # kernel for the math path (5x slower at a 544-token context).
     out = (torch.mm(weight, rows.t()) if bias is None
            else torch.addmm(bias[:, None], weight, rows.t()))  # (out, M)
     return out.t().contiguous()
+
+
+def _split(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """rows (M, in) @ column-major weight (out, in).T, one slice of the outputs per thread."""
+    (m, inn), out, parts = rows.shape, weight.shape[0], torch.get_num_threads()
+    if parts < 2 or out % parts or weight.stride() != (1, out):
+        return F.linear(rows, weight, bias)
+    # weight.T is a row-major (in, out) matrix: its column slices are (in, out/parts) blocks
+    # with row stride ``out``, which BLAS multiplies in place.
+    slices = weight.t().as_strided((parts, inn, out // parts), (out // parts, out, 1))
+    product = torch.bmm(rows.expand(parts, m, inn), slices)  # (parts, M, out/parts)
+    result = product.transpose(0, 1).reshape(m, out)  # a view when M == 1
+    return result if bias is None else result + bias
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
@@ -133,14 +153,19 @@ def set_form(weight: torch.Tensor, rows: int, form: int) -> None:
 
 
 def available_forms(weight: torch.Tensor) -> tuple[int, ...]:
-    """The forms that can multiply ``weight`` here (oneDNN: CPU builds with it, float types)."""
+    """The forms that can multiply ``weight`` here (oneDNN: CPU builds with it; split: a
+    column-major weight whose outputs divide among the threads)."""
     if weight.device.type != "cpu":
         return (LINEAR,)
-    return (LINEAR, TRANSPOSED) if _ONEDNN is None else (LINEAR, TRANSPOSED, ONEDNN)
+    forms = [LINEAR, TRANSPOSED] + ([ONEDNN] if _ONEDNN is not None else [])
+    parts = torch.get_num_threads()
+    if parts > 1 and weight.shape[0] % parts == 0 and weight.stride() == (1, weight.shape[0]):
+        forms.append(SPLIT)
+    return tuple(forms)
 
 
 def tune(groups: Iterable[Sequence[torch.Tensor]], rows: Sequence[int] = TUNED_ROWS,
-         repeats: int = 1) -> dict[str, dict[str, float]]:
+         repeats: int = 2) -> dict[str, dict[str, float]]:
     """Time every form for each group of same-shape weights and bucket not yet measured.
 
     CPU only (elsewhere ``F.linear`` stays). Returns ``{"<out>x<in>@<rows>": {form: speedup

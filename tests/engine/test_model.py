@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from engine import matmul
-from engine.matmul import LINEAR, ONEDNN, TRANSPOSED, linear, set_form
+from engine.matmul import LINEAR, ONEDNN, SPLIT, TRANSPOSED, linear, set_form
 from engine.model import _column_major
 from engine.rope import apply_rope_
 
 TOL: dict[str, float] = {"atol": 1e-5, "rtol": 1e-5}
-FORMS = [LINEAR, TRANSPOSED] + ([ONEDNN] if matmul._ONEDNN is not None else [])
+FORMS = [LINEAR, TRANSPOSED, SPLIT] + ([ONEDNN] if matmul._ONEDNN is not None else [])
 
 
 @pytest.fixture(autouse=True)
@@ -39,6 +39,27 @@ def test_linear_matches_f_linear_in_every_form(rows: int, form: int, with_bias: 
     assert got.shape == (rows, 1, 48)
     assert got.is_contiguous()  # a strided last dim sends SDPA to its slow math path
     torch.testing.assert_close(got, expected, **TOL)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_the_split_form_slices_outputs_by_thread_and_else_falls_back(threads: int,
+                                                                     rows: int) -> None:
+    weight = _column_major(torch.randn(48, 32))  # 48 outputs: 24 or 16 per thread
+    bias, x = torch.randn(48), torch.randn(rows, 32)
+    set_form(weight, rows, SPLIT)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert (SPLIT in matmul.available_forms(weight)) == (threads > 1)
+        for b in (None, bias):
+            torch.testing.assert_close(linear(x, weight, b), F.linear(x, weight, b), **TOL)
+        row_major = weight.contiguous()  # not sliceable in place: plain F.linear
+        assert SPLIT not in matmul.available_forms(row_major)
+        torch.testing.assert_close(matmul._split(x, row_major, None), F.linear(x, row_major),
+                                   **TOL)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_form_is_used_only_for_its_shape_and_row_bucket(
@@ -101,7 +122,8 @@ def test_tune_times_real_matmuls_and_keeps_results_exact() -> None:
     group = [_column_major(torch.randn(64, 32)) for _ in range(2)]
     report = matmul.tune([group], rows=(8, 16))
     assert set(report) == {"64x32@8", "64x32@16"}
-    assert all(set(s) == {matmul.FORMS[f] for f in FORMS} and all(v > 0 for v in s.values())
+    forms = {matmul.FORMS[f] for f in matmul.available_forms(group[0])}
+    assert all(set(s) == forms and all(v > 0 for v in s.values())
                for s in report.values())
     x = torch.randn(16, 32)
     torch.testing.assert_close(linear(x, group[0]), F.linear(x, group[0]), **TOL)
