@@ -12,6 +12,10 @@ A long-prompt probe times a 2048-token prompt cold through prefill, Redis and de
 second prompt sharing its first 1984 tokens (warm); and the same prompt prefilled in this
 process by kvrelay's own engine (monolithic). Prompts are random token ids (seeded).
 Workers' pool sizes come from ``KVRELAY_*`` settings set here before they start.
+
+The decode worker's local prefix cache is off unless ``--local-prefix-cache`` is given, so
+that the warm figures measure the path through the store: with it on, the warm long prompt
+finds the cold one's blocks still in decode's pool and fetches nothing.
 """
 
 from __future__ import annotations
@@ -213,9 +217,11 @@ def hf_generate(model_path: str, prompts: list[Prompt], w: Workload) -> tuple[li
 # -- workers ---------------------------------------------------------------------------
 
 
-def worker_settings(w: Workload, num_blocks: int) -> dict[str, str]:
+def worker_settings(w: Workload, num_blocks: int, local_prefix_cache: bool = False
+                    ) -> dict[str, str]:
     """``KVRELAY_*`` settings the bench's workers start with (a fixed KV pool)."""
     return {"KVRELAY_NUM_BLOCKS": str(num_blocks),
+            "KVRELAY_LOCAL_PREFIX_CACHE": str(local_prefix_cache).lower(),
             "KVRELAY_MAX_BATCH_SIZE": str(w.concurrency),
             "KVRELAY_MAX_REQUESTS": str(max(64, 2 * w.concurrency)),
             "KVRELAY_PREFILL_TIMEOUT_S": "300",
@@ -226,7 +232,7 @@ def start_no_store_decode(model: str, log_dir: Path) -> tuple[subprocess.Popen[b
     """A decode worker with no store and no prefill worker: every prompt recomputed."""
     port = free_port()
     cmd = worker_command("decode", model=model, port=port, metrics_port=free_port(),
-                         redis_url="", block_size=BLOCK_SIZE)
+                         redis_url="", block_size=BLOCK_SIZE) + ["--local-prefix-cache", "false"]
     log_path = log_dir / "decode-no-store.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(die_with_parent(cmd), stdout=log, stderr=subprocess.STDOUT,
@@ -399,7 +405,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     prompts = workload_prompts(w, vocab)
     num_blocks = args.num_blocks or max(512, w.concurrency * -(-(w.system_tokens + w.question_tokens
                                         + w.output_tokens) // BLOCK_SIZE) + 2 * w.long_tokens // BLOCK_SIZE)
-    os.environ.update(worker_settings(w, num_blocks))
+    os.environ.update(worker_settings(w, num_blocks, args.local_prefix_cache))
     log_dir = Path(args.log_dir or os.environ.get("TMPDIR", "/tmp")) / f"kvrelay-bench-{os.getpid()}"
     log_dir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
@@ -438,6 +444,7 @@ def report(args: argparse.Namespace, w: Workload, loaded: Any, num_blocks: int,
         fig["output_tok_s_over_hf"] = fig["output_tok_s"] / fig["output_tok_s_hf"]
     return {"figures": fig, "model": loaded.name, "model_path": args.model, "dtype": "float32",
             "device": "cpu", "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "local_prefix_cache": bool(args.local_prefix_cache),
             "workload": asdict(w), "kv_pool_blocks": num_blocks, "block_size": BLOCK_SIZE,
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
             "requests": [{"group": r.group, "index": r.index, "ttft_s": r.ttft,
@@ -474,6 +481,9 @@ def main() -> None:
     p.add_argument("--num-blocks", type=int, default=0, help="KV pool blocks per worker")
     p.add_argument("--redis-maxmemory", default="1gb")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
+    p.add_argument("--local-prefix-cache", action="store_true",
+                   help="let decode keep finished prompts' blocks (off: warm prompts come "
+                        "from the store)")
     p.add_argument("--log-dir", default=None)
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--plot", default=None, help="write a PNG plot here")

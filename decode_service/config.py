@@ -25,6 +25,10 @@ class DecodeConfig(WorkerConfig):
     publish_local_blocks: bool = setting(
         True, "publish the blocks this worker computed itself (false: read-only store access "
               "is enough; only prefill workers write)")
+    local_prefix_cache: bool = setting(
+        True, "keep the prompt blocks of finished requests in free pool memory, named by their "
+              "hashes, so that later prompts with that prefix share them instead of fetching "
+              "them (the least recently used go first when blocks are needed)")
     prefill_tls_ca_file: str = setting("", "PEM CA bundle: call the prefill worker over TLS")
     prefill_tls_cert_file: str = setting("", "client certificate for the prefill worker (mTLS)")
     prefill_tls_key_file: str = setting("", "private key of prefill_tls_cert_file")

@@ -213,11 +213,16 @@ class BatchScheduler:
         self._hashes.pop(seq_id, None)
         if self._queues.pop(seq_id, None) is not None:
             self.engine.abort(seq_id)
-            self._metrics.kv_used.set(used_blocks(self.engine.runner))
+            self._pool_gauges()
+
+    def _pool_gauges(self) -> None:
+        runner = self.engine.runner
+        self._metrics.kv_used.set(used_blocks(runner))
+        self._metrics.kv_kept.set(runner.allocator.num_retained)
 
     def _step(self) -> None:
         outputs: list[StepOutput] = self.engine.step()
-        self._metrics.kv_used.set(used_blocks(self.engine.runner))
+        self._pool_gauges()
         deliveries: list[tuple[asyncio.Queue[Any], StepOutput]] = []
         for out in outputs:
             events = self._queues.get(out.seq_id)

@@ -28,6 +28,7 @@ SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_nam
 
 def build_worker(config: DecodeConfig, runtime: Runtime) -> DecodeWorker:
     """The worker and its batch loop, started on the runtime's compute thread."""
+    runtime.runner.allocator.retain_named = config.local_prefix_cache
     engine = LLMEngine(runtime.runner, runtime.loaded.tokenizer,
                        max_batch_size=config.max_batch_size)
     prefill = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable
 
 import numpy as np
@@ -29,41 +30,70 @@ class BlockAllocator:
     blocks for K/V it is about to fetch (``allocate_up_to``). Full blocks can be named by
     the hash of their tokens (``name``) and shared by name (``share_named``): a prompt
     prefix some running sequence holds is then held once, not fetched again.
+
+    With ``retain_named``, a named block that loses its last holder keeps its K/V and its
+    name instead of going back to the free list: a later prompt with that prefix shares it
+    as if it were held (a local prefix cache, like vLLM's automatic prefix caching in front
+    of the store). Such blocks count as free: when the free list runs out, ``allocate``
+    takes the one unused longest (least recently released first), dropping its name.
     """
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, *, retain_named: bool = False) -> None:
         if num_blocks <= 0:
             raise ValueError("num_blocks must be positive")
         self.num_blocks = num_blocks
+        self.retain_named = retain_named
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._refs: list[int] = [0] * num_blocks
         self._lock = threading.Lock()
-        self._named: dict[bytes, int] = {}  # content hash -> live block
+        self._named: dict[bytes, int] = {}  # content hash -> live or retained block
         self._name_of: dict[int, bytes] = {}
+        self._retained: OrderedDict[int, None] = OrderedDict()  # unheld named blocks, LRU first
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks ``allocate`` can hand out: free ones and retained ones."""
+        return len(self._free) + len(self._retained)
+
+    @property
+    def num_retained(self) -> int:
+        """Named blocks no sequence holds, kept for a later prompt with their prefix."""
+        return len(self._retained)
 
     def ref_count(self, block: int) -> int:
         return self._refs[block]
 
     def allocate(self, n: int) -> list[int]:
         with self._lock:
-            if n > len(self._free):
-                raise OutOfBlocks(f"need {n} blocks, {len(self._free)} free")
+            if n > self.num_free:
+                raise OutOfBlocks(f"need {n} blocks, {self.num_free} free")
             return self._take(n)
 
     def allocate_up_to(self, n: int, keep_free: int = 0) -> list[int]:
         """As many blocks as possible up to ``n`` while ``keep_free`` stay free (maybe none)."""
         with self._lock:
-            return self._take(max(0, min(n, len(self._free) - keep_free)))
+            return self._take(max(0, min(n, self.num_free - keep_free)))
 
     def _take(self, n: int) -> list[int]:
-        blocks = [self._free.pop() for _ in range(n)]
+        """``n`` blocks: free ones first, then retained ones, least recently released first."""
+        blocks = [self._free.pop() for _ in range(min(n, len(self._free)))]
+        while len(blocks) < n:
+            block, _ = self._retained.popitem(last=False)
+            del self._named[self._name_of.pop(block)]
+            blocks.append(block)
         for b in blocks:
             self._refs[b] = 1
         return blocks
+
+    def drop_retained(self) -> int:
+        """Give every retained block back to the free list (their names go); how many."""
+        with self._lock:
+            dropped = len(self._retained)
+            while self._retained:
+                block, _ = self._retained.popitem(last=False)
+                del self._named[self._name_of.pop(block)]
+                self._free.append(block)
+            return dropped
 
     def incref(self, blocks: Iterable[int]) -> None:
         with self._lock:
@@ -80,17 +110,21 @@ class BlockAllocator:
                 if self._refs[b] <= 0:
                     raise ValueError(f"block {b} is already free")
                 self._refs[b] -= 1
-                if self._refs[b] == 0:
-                    self._free.append(b)
-                    name = self._name_of.pop(b, None)
-                    if name is not None:
-                        del self._named[name]
+                if self._refs[b] > 0:
+                    continue
+                if self.retain_named and b in self._name_of:
+                    self._retained[b] = None  # newest last
+                    continue
+                self._free.append(b)
+                name = self._name_of.pop(b, None)
+                if name is not None:
+                    del self._named[name]
 
     def name(self, pairs: Iterable[tuple[int, bytes]]) -> None:
         """Name full blocks by the chained hash of their tokens, so that later sequences
         with the same prefix share them (``share_named``). The caller promises the block
         holds exactly that K/V and is never written again. A block or a name already in
-        use is left as it is; a name lasts while its block is held."""
+        use is left as it is; a name lasts while its block is held or retained."""
         with self._lock:
             for block, name in pairs:
                 if (self._refs[block] > 0 and name not in self._named
@@ -99,14 +133,16 @@ class BlockAllocator:
                     self._name_of[block] = name
 
     def share_named(self, names: Iterable[bytes]) -> list[int]:
-        """A new reference to the live block of each of ``names`` in order, up to the
-        first name that no held block has."""
+        """A new reference to the held or retained block of each of ``names`` in order, up
+        to the first name that no such block has."""
         shared: list[int] = []
         with self._lock:
             for name in names:
                 block = self._named.get(name)
                 if block is None:
                     break
+                if self._refs[block] == 0:
+                    del self._retained[block]
                 self._refs[block] += 1
                 shared.append(block)
         return shared

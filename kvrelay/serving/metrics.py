@@ -62,8 +62,8 @@ class WorkerMetrics:
                                   "prompt tokens found in the prefix cache", registry=r)
         self.pool_shared_tokens = Counter(
             "kvrelay_kv_pool_shared_tokens",
-            "prompt tokens whose blocks a running request already held in the KV pool "
-            "(shared, not fetched; counted in the hits too)", registry=r)
+            "prompt tokens whose blocks the KV pool already held, for a running request or "
+            "kept from a finished one (shared, not fetched; counted in the hits too)", registry=r)
         self.store_call = Histogram("kvrelay_store_call_seconds", "one batched store call",
                                     ["op"], buckets=_LATENCY_BUCKETS, registry=r)
         self.fallbacks = Counter("kvrelay_local_prefill_fallbacks",
@@ -78,6 +78,8 @@ class WorkerMetrics:
                              registry=r)
         self.kv_used = Gauge("kvrelay_kv_pool_used_blocks", "KV blocks in use", registry=r)
         self.kv_total = Gauge("kvrelay_kv_pool_blocks", "KV blocks in the pool", registry=r)
+        self.kv_kept = Gauge("kvrelay_kv_pool_kept_blocks", "free KV blocks still holding a "
+                             "finished prompt's prefix (the local prefix cache)", registry=r)
 
     def watch_store(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         """Export the store's counters from ``snapshot`` at every scrape."""

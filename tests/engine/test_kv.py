@@ -40,6 +40,59 @@ def test_double_free_and_incref_of_free_block_are_refused() -> None:
         alloc.incref([block])
 
 
+def test_without_retention_a_name_goes_with_its_last_holder() -> None:
+    alloc = BlockAllocator(3)
+    blocks = alloc.allocate(2)
+    alloc.name(zip(blocks, [b"h0", b"h1"]))
+    alloc.free(blocks)
+    assert alloc.num_free == 3 and alloc.num_retained == 0
+    assert alloc.share_named([b"h0"]) == []
+
+
+def test_retained_blocks_are_shared_again_by_name_and_count_as_free() -> None:
+    alloc = BlockAllocator(4, retain_named=True)
+    blocks = alloc.allocate(3)
+    alloc.name(zip(blocks[:2], [b"h0", b"h1"]))  # the third block is not full: no name
+    alloc.free(blocks)
+    assert alloc.num_free == 4 and alloc.num_retained == 2
+    assert alloc.share_named([b"h0", b"h1", b"h2"]) == blocks[:2]
+    assert alloc.num_retained == 0 and alloc.num_free == 2
+    assert [alloc.ref_count(b) for b in blocks[:2]] == [1, 1]
+    assert alloc.share_named([b"h0"]) == blocks[:1]  # held again: shared as before
+    alloc.free([blocks[0], blocks[0], blocks[1]])
+    assert alloc.num_retained == 2
+
+
+def test_allocation_takes_free_blocks_first_then_the_least_recently_released() -> None:
+    alloc = BlockAllocator(4, retain_named=True)
+    a, b, c = alloc.allocate(3)
+    alloc.name([(a, b"a"), (b, b"b"), (c, b"c")])
+    alloc.free([b])
+    alloc.free([a])
+    alloc.free([c])  # released in the order b, a, c
+    [d] = alloc.allocate(1)
+    assert d not in (a, b, c) and alloc.num_retained == 3  # the free block goes first
+    assert alloc.allocate(1) == [b]  # then the one released longest ago, name dropped
+    assert alloc.share_named([b"b"]) == [] and alloc.share_named([b"a"]) == [a]
+    assert alloc.allocate_up_to(5) == [c]
+    assert alloc.share_named([b"c"]) == [] and alloc.num_free == 0
+    with pytest.raises(OutOfBlocks):
+        alloc.allocate(1)
+
+
+def test_a_reused_block_can_take_a_new_name_and_retained_blocks_can_be_dropped() -> None:
+    alloc = BlockAllocator(1, retain_named=True)
+    [a] = alloc.allocate(1)
+    alloc.name([(a, b"old")])
+    alloc.free([a])
+    [again] = alloc.allocate(1)
+    alloc.name([(again, b"new")])
+    alloc.free([again])
+    assert alloc.share_named([b"old"]) == [] and alloc.num_retained == 1
+    assert alloc.drop_retained() == 1
+    assert alloc.num_retained == 0 and alloc.num_free == 1 and alloc.share_named([b"new"]) == []
+
+
 def _pool(dtype: torch.dtype = torch.float32) -> KVPool:
     return KVPool(5, 3, 4, 2, 8, dtype=dtype)
 

@@ -75,12 +75,15 @@ def spawn(role: str, model: Path, redis_url: str, log_dir: Path, *, prefill_addr
     """Start ``kvrelay <role>`` (tiny model, 16-token blocks) and wait until it is SERVING.
 
     ``store_timeout_s`` is generous by default, so that a test counting cache hits does not
-    lose them to a stalled machine; the tests of store faults pass a short one."""
+    lose them to a stalled machine; the tests of store faults pass a short one. A decode
+    worker keeps no finished prompts' blocks (``--local-prefix-cache false``): the tests
+    count what comes from the store."""
     port, metrics_port = free_port(), free_port()
     cmd = worker_command(role, model=str(model), port=port, metrics_port=metrics_port,
                          redis_url=redis_url, block_size=BLOCK_SIZE, prefill_addr=prefill_addr)
+    local = ["--local-prefix-cache", "false"] if role == "decode" else []  # count store hits
     cmd += ["--num-blocks", "256", "--store-timeout-s", str(store_timeout_s),
-            "--drain-grace-s", "5", *extra]
+            "--drain-grace-s", "5", *local, *extra]
     worker = Spawned(role, None, f"127.0.0.1:{port}",  # type: ignore[arg-type]
                      f"http://127.0.0.1:{metrics_port}/metrics",
                      log_dir / f"{role}-{port}.log", cmd, env or {}, tls_ca_file, client_cert)

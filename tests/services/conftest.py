@@ -72,7 +72,9 @@ def start_worker(role: str, model: Path, redis_url: str, log_dir: Path, *,
                          redis_url=redis_url, block_size=BLOCK_SIZE, prefill_addr=prefill_addr)
     # A generous store timeout: a test counting cache hits must not lose them to a stalled
     # machine. A test of a hung store passes a short one in ``extra`` (the last one wins).
-    cmd += ["--num-blocks", "512", "--store-timeout-s", "2", *extra]
+    # Decode keeps no finished prompts' blocks: these tests count what comes from the store.
+    local = ["--local-prefix-cache", "false"] if role == "decode" else []
+    cmd += ["--num-blocks", "512", "--store-timeout-s", "2", *local, *extra]
     log_path = log_dir / f"{role}-{port}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(die_with_parent(cmd), stdout=log, stderr=subprocess.STDOUT,

@@ -15,6 +15,7 @@ from kvrelay.serving.metrics import WorkerMetrics
 class _Allocator:
     num_blocks: int = 8
     num_free: int = 8
+    num_retained: int = 0
 
 
 @dataclass
