@@ -249,11 +249,12 @@ def _cpu_model() -> str:
 
 
 def plan_key(jobs: Sequence[Job]) -> str:
-    """What the measurements of ``jobs`` depend on, as a short digest."""
+    """What the measurements of ``jobs`` depend on, as a short digest (the forms known too:
+    a plan from a version with fewer forms is measured again)."""
     cases = [[[list(g[0].shape), str(g[0].dtype), g[0].device.type] for g in groups if g]
              + [list(rows)] for groups, rows in jobs]
     what = [_cpu_model(), os.cpu_count(), torch.get_num_threads(), torch.__version__,
-            _ONEDNN is not None, TIMED_WEIGHTS, LARGE_WEIGHTS, MIN_GAIN, cases]
+            _ONEDNN is not None, FORMS, TIMED_WEIGHTS, LARGE_WEIGHTS, MIN_GAIN, cases]
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:24]
 
 
