@@ -87,6 +87,7 @@ def main(args: argparse.Namespace) -> int:
                 request = build_request(Prompt(text=question, chat=True, system=SYSTEM_PROMPT,
                                                max_new_tokens=args.max_tokens))
                 print(_row(i, question, generate(channel, request, timeout_s=300.0)), flush=True)
-        print("\nrequests 2.. reuse the system prompt's blocks from the store "
-              "(cached > 0, lower time to first token)")
+        print("\nrequests 2.. reuse the system prompt's blocks (cached > 0, lower time to first "
+              "token): the prefill worker published them to the store, decode fetched them "
+              "for request 1 and keeps them in its pool for later prompts")
     return 0
