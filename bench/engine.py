@@ -41,6 +41,10 @@ DECODE_BATCHES = (1, 8, 16)
 PROMPT_TOKENS = 32
 NEW_TOKENS = 64
 BLOCK_SIZE = 16
+DECODE_REPEATS = 3
+"""Timed generations per decode case and side, alternating, best kept: a batch-16 step of
+either side varied by 30% or more between runs on a quiet 2-core machine, so each side
+gets more chances to run through a quiet spell."""
 
 
 def _best_seconds(ours: Callable[[], object], theirs: Callable[[], object],
@@ -106,7 +110,7 @@ def bench_decode(hf: Any, runner: ModelRunner, batch: int) -> dict[str, float]:
 
     ours(2)  # warm-up
     theirs(2)
-    t_ours, t_theirs = _best_seconds(ours, theirs, 2)
+    t_ours, t_theirs = _best_seconds(ours, theirs, DECODE_REPEATS)
     generated = batch * NEW_TOKENS
     return {"batch": batch, "kvrelay_tok_s": generated / t_ours, "hf_tok_s": generated / t_theirs,
             "kvrelay_ms_per_step": 1e3 * t_ours / NEW_TOKENS,
