@@ -88,23 +88,16 @@ class LLMEngine:
 
     def step(self) -> list[StepOutput]:
         """One scheduler iteration: batched prefill of admitted sequences and one decode step
-    of the running ones, in one forward pass when there are both."""
+        of the running ones, in one forward pass when there are both."""
         decode = self._reserve_decode()
         prefill = self._admit()
+        prefill_logits, decode_logits = self.runner.prefill_and_decode(prefill, decode)
         outputs: list[StepOutput] = []
-        prefill_logits: torch.Tensor | None
-        decode_logits: torch.Tensor | None
-        if prefill and decode:
-            # one pass: the running sequences' step does not wait for a pass of its own
-            prefill_logits, decode_logits = self.runner.prefill_and_decode(prefill, decode)
-        else:
-            prefill_logits = self.runner.prefill(prefill) if prefill else None
-            decode_logits = self.runner.decode(decode) if decode else None
-        if prefill_logits is not None:
+        if prefill:
             if self.on_prefill is not None:
                 self.on_prefill(prefill)
             outputs += self._emit(prefill, prefill_logits)
-        if decode_logits is not None:
+        if decode:
             outputs += self._emit(decode, decode_logits)
         return outputs
 

@@ -85,16 +85,6 @@ class BlockAllocator:
             self._refs[b] = 1
         return blocks
 
-    def drop_retained(self) -> int:
-        """Give every retained block back to the free list (their names go); how many."""
-        with self._lock:
-            dropped = len(self._retained)
-            while self._retained:
-                block, _ = self._retained.popitem(last=False)
-                del self._named[self._name_of.pop(block)]
-                self._free.append(block)
-            return dropped
-
     def incref(self, blocks: Iterable[int]) -> None:
         with self._lock:
             blocks = list(blocks)

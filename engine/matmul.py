@@ -1,7 +1,7 @@
-"""Projection matmuls in whichever of three product forms is fastest on this machine.
+"""Projection matmuls in whichever of four product forms is fastest on this machine.
 
 The model stores every projection weight ``W`` (out, in) column-major (``engine.model``).
-A few or many rows ``x`` (M, in) can be multiplied three ways:
+A few or many rows ``x`` (M, in) can be multiplied four ways:
 
 * ``linear``: ``F.linear(x, W)``, which PyTorch's CPU build hands to MKL's ``sgemm``;
 * ``transposed``: ``W @ x.T``, copied back to row order, so that BLAS tiles along the long
@@ -28,7 +28,8 @@ rounding.
 
 Measuring takes seconds (for SmolLM2-135M, 2-3 s alone and twice that beside another
 worker starting), so ``tune_cached`` keeps each plan in a small JSON file keyed by what the
-timings depend on (CPU model, thread count, torch version, weight shapes and row buckets),
+timings depend on (CPU model, thread count, torch version, forms, weight shapes and row
+buckets),
 under a file lock: workers starting together on one machine measure once, and later starts
 read the plan instead.
 """
@@ -120,10 +121,16 @@ def _product(form: int, rows: torch.Tensor, weight: torch.Tensor,
     return out.t().contiguous()
 
 
+def _splittable(weight: torch.Tensor, parts: int) -> bool:
+    """A column-major weight whose outputs divide into ``parts`` > 1 slices."""
+    out = weight.shape[0]
+    return parts > 1 and out % parts == 0 and weight.stride() == (1, out)
+
+
 def _split(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """rows (M, in) @ column-major weight (out, in).T, one slice of the outputs per thread."""
     (m, inn), out, parts = rows.shape, weight.shape[0], torch.get_num_threads()
-    if parts < 2 or out % parts or weight.stride() != (1, out):
+    if not _splittable(weight, parts):  # the thread count changed since the plan was made
         return F.linear(rows, weight, bias)
     # weight.T is a row-major (in, out) matrix: its column slices are (in, out/parts) blocks
     # with row stride ``out``, which BLAS multiplies in place.
@@ -158,8 +165,7 @@ def available_forms(weight: torch.Tensor) -> tuple[int, ...]:
     if weight.device.type != "cpu":
         return (LINEAR,)
     forms = [LINEAR, TRANSPOSED] + ([ONEDNN] if _ONEDNN is not None else [])
-    parts = torch.get_num_threads()
-    if parts > 1 and weight.shape[0] % parts == 0 and weight.stride() == (1, weight.shape[0]):
+    if _splittable(weight, torch.get_num_threads()):
         forms.append(SPLIT)
     return tuple(forms)
 
@@ -303,8 +309,7 @@ def tune_cached(jobs: Sequence[Job], plan_dir: Path | None) -> str:
     measurement.
     """
     if plan_dir is None:
-        for groups, rows in jobs:
-            tune(groups, rows)
+        _tune_all(jobs)
         return "measured, not stored"
     path = plan_dir / f"plan-{plan_key(jobs)}.json"
     try:
@@ -315,13 +320,16 @@ def tune_cached(jobs: Sequence[Job], plan_dir: Path | None) -> str:
                 _plan.update(stored)
                 log.info("matmul plan read from %s", path)
                 return "read"
-            for groups, rows in jobs:
-                tune(groups, rows)
+            _tune_all(jobs)
             cases = {_key(g[0], m) for groups, rows in jobs for g in groups if g for m in rows}
             _write_plan(path, {k: v for k, v in _plan.items() if k in cases})
             return "measured"
     except OSError as err:
-        log.warning("matmul plan not cached (%s); measuring", err)
-        for groups, rows in jobs:
-            tune(groups, rows)
+        log.warning("matmul plan not kept (%s)", err)
+        _tune_all(jobs)  # measures only what the lock or the write left unmeasured
         return "measured, not stored"
+
+
+def _tune_all(jobs: Sequence[Job]) -> None:
+    for groups, rows in jobs:
+        tune(groups, rows)
