@@ -17,8 +17,8 @@ A few or many rows ``x`` (M, in) can be multiplied four ways:
 Which one wins depends on the CPU and the BLAS build, not only on the shapes. On a 2-core
 Intel Xeon (AVX-512) ``linear`` won for most row counts; on a 2-core AMD EPYC (AVX2),
 ``transposed`` was 1.2-2.3x faster at 16-64 rows; on a 2-core AMD EPYC with AVX-512,
-``onednn`` was 1.3-2x faster than ``linear`` from one row to 2048 (MKL does not use its
-AVX-512 kernels on AMD CPUs). A fixed rule is therefore wrong on some machine, so ``tune``
+``onednn`` was 1.2-2x faster than ``linear`` from 8 to 2048 rows (most likely MKL picks
+its AVX-512 kernels on Intel CPUs only). A fixed rule is therefore wrong on some machine, so ``tune``
 times every form once, on the model's own weights (every layer's, so the timing streams
 them from memory as a decode step does), per weight shape and power-of-two row bucket, the
 way cuDNN's benchmark mode picks convolution algorithms; ``linear`` then follows that plan
