@@ -52,7 +52,8 @@ class ModelRunner:
     On a CPU, ``tune_matmuls`` measures once per process and weight shape which matmul form
     is fastest for each row count (``engine.matmul``; a few seconds for SmolLM2-135M), and
     with ``keep_matmul_plan`` keeps the plan on disk for the next start to read
-    (``matmul.tune_cached``).
+    (``matmul.tune_cached``); then ``matmul.prepare`` packs the weights the plan multiplies
+    through oneDNN (a second copy of each: for SmolLM2-135M up to ~0.5 GB).
     """
 
     def __init__(self, loaded: Any, *, num_blocks: int, block_size: int,
@@ -63,9 +64,10 @@ class ModelRunner:
         self.model: LlamaForCausalLM = model.eval()
         self.model.fuse_()
         if tune_matmuls:
-            matmul.tune_cached([(self.model.projection_groups(), matmul.TUNED_ROWS),
-                                ([[self.model.head_weight]], matmul.DECODE_ROWS)],
+            groups = self.model.projection_groups() + [[self.model.head_weight]]
+            matmul.tune_cached([(groups[:-1], matmul.TUNED_ROWS), (groups[-1:], matmul.DECODE_ROWS)],
                                matmul.default_plan_dir() if keep_matmul_plan else None)
+            matmul.prepare(w for group in groups for w in group)
         weight = model.model.embed_tokens.weight
         self.dtype, self.device = weight.dtype, weight.device
         self.block_size = block_size

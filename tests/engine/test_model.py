@@ -107,7 +107,7 @@ def test_tune_follows_the_measurement_and_measures_each_case_once(
     monkeypatch.setattr(matmul, "_speedups", fake_speedups)
     group = [torch.randn(48, 32) for _ in range(matmul.TIMED_WEIGHTS + 2)]
     report = matmul.tune([group], rows=(8, 16, 32, matmul.LARGE_ROWS))
-    assert report["48x32@32"] == {"linear": 1.0, "transposed": 2.0, "onednn": 1.5}
+    assert report["48x32@32"] == {"linear": 1.0, "transposed": 2.0, "onednn-packed": 1.5}
     assert set(report) == {"48x32@8", "48x32@16", "48x32@32", f"48x32@{matmul.LARGE_ROWS}"}
     assert matmul.tune([group], rows=(8, 16, 32)) == {}  # the plan is kept
     # some layers' weights stream as in a decode step; large rows time only a few
@@ -116,6 +116,25 @@ def test_tune_follows_the_measurement_and_measures_each_case_once(
     assert matmul._plan[matmul._key(group[0], 40)] == TRANSPOSED
     assert matmul._plan[matmul._key(group[0], 20)] == LINEAR
     assert matmul._plan[matmul._key(group[0], 12)] == ONEDNN
+
+
+@pytest.mark.skipif(matmul._ONEDNN is None, reason="no oneDNN in this build")
+def test_prepare_packs_the_weights_that_use_onednn_and_drops_the_others() -> None:
+    used = [_column_major(torch.randn(40, 24)) for _ in range(2)]
+    unused = _column_major(torch.randn(56, 24))
+    set_form(used[0], 16, ONEDNN)
+    x = torch.randn(16, 24)
+    linear(x, unused)  # linear everywhere: never packed
+    set_form(unused, 16, ONEDNN)
+    linear(x, unused)  # packed on first use
+    assert hasattr(unused, matmul._PACKED)
+    set_form(unused, 16, LINEAR)
+    assert matmul.prepare([*used, unused]) == 2 * 40 * 24 * 4
+    assert not hasattr(unused, matmul._PACKED)
+    assert all(getattr(w, matmul._PACKED).is_mkldnn for w in used)
+    bias = torch.randn(40)
+    for w in used:  # the packed copy multiplies exactly what the plain weight does
+        torch.testing.assert_close(linear(x, w, bias), F.linear(x, w, bias), **TOL)
 
 
 def test_tune_times_real_matmuls_and_keeps_results_exact() -> None:
