@@ -26,7 +26,9 @@ class AttentionMetadata:
     (None: plain causal). ``shared``: in a decode step (T = 1), groups of rows whose
     tables start with the same blocks (a shared prompt prefix, held once), as (row indices
     (n,), those blocks (S,)); then each row's ``context_blocks`` and ``mask`` cover only
-    what follows its group's blocks (``shared_attention``).
+    what follows its group's blocks (``shared_attention``). ``prefix``: one row (B = 1)
+    whose new tokens follow a held prefix, as (the blocks holding it (nb,), its tokens);
+    then there is no ``context_blocks`` or ``mask`` (``prefix_split_attention``).
     """
 
     slot_blocks: torch.Tensor | None
@@ -36,6 +38,7 @@ class AttentionMetadata:
     mask: torch.Tensor | None
     scale: float
     shared: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+    prefix: tuple[torch.Tensor, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,8 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, kv_layer: torch.Tensor | 
         write_kv(kv_layer, kv, meta)
     if meta.shared and kv_layer is not None:
         return shared_attention(q, kv_layer, meta).reshape(batch, t, heads * hd)
+    if meta.prefix is not None and kv_layer is not None:
+        return prefix_split_attention(q, kv, kv_layer, meta.prefix, meta.scale)
     if meta.context_blocks is None or kv_layer is None:
         keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, kvh, T, hd) each
     else:
@@ -163,3 +168,37 @@ def shared_attention(q: torch.Tensor, kv_layer: torch.Tensor,
     merged = (out_shared * w_shared[..., None] + out_own * w_own[..., None]) \
         / (w_shared + w_own)[..., None]
     return merged.view(batch, heads, hd)
+
+
+def prefix_split_attention(q: torch.Tensor, kv: torch.Tensor, kv_layer: torch.Tensor,
+                           prefix: tuple[torch.Tensor, int], scale: float) -> torch.Tensor:
+    """One sequence's new tokens over the prefix it holds, without a mask.
+
+    Every new token sees the whole held prefix, so that part is plain attention; among
+    themselves the new tokens are causal, which the fused kernel does without a mask too.
+    The two partial results are merged with their log-sum-exps (exactly softmax over all
+    keys, to float rounding), as in ``shared_attention``. Against one masked product over
+    prefix and new tokens together, on a 2-core CPU per layer: 64 new tokens over 1984
+    held ones 2.7 ms instead of 3.1 ms, 512 over 1536 18 ms instead of 21 ms (the prefill
+    worker's last chunk of a 2048-token prompt); and no (T, Tk) mask is built or read.
+    CPU only (the flash kernel that also returns log-sum-exps). q (1, T, H, hd), the new
+    k/v (1, T, 2, kvh, hd) -> (1, T, H*hd).
+    """
+    blocks, held = prefix
+    _, t, heads, hd = q.shape
+    kvh = kv.shape[3]
+    g = heads // kvh
+    k_old = kv_layer[:, 0].index_select(0, blocks).view(1, -1, kvh, hd)[:, :held].transpose(1, 2)
+    v_old = kv_layer[:, 1].index_select(0, blocks).view(1, -1, kvh, hd)[:, :held].transpose(1, 2)
+    # the query heads that share a KV head stacked along the query axis: (1, kvh, g*T, hd)
+    stacked = q.transpose(1, 2).reshape(1, kvh, g * t, hd)
+    out_old, lse_old = _flash_with_lse(stacked, k_old, v_old, 0.0, False, scale=scale)
+    k_new, v_new = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (1, kvh, T, hd) each
+    out_new, lse_new = _flash_with_lse(q.transpose(1, 2), k_new, v_new, 0.0, True,
+                                       scale=scale)  # (1, H, T, hd), (1, H, T)
+    out_new, lse_new = out_new.reshape(1, kvh, g * t, hd), lse_new.reshape(1, kvh, g * t)
+    top = torch.maximum(lse_old, lse_new)
+    w_old, w_new = (lse_old - top).exp_(), (lse_new - top).exp_()
+    merged = (out_old * w_old[..., None] + out_new * w_new[..., None]) \
+        / (w_old + w_new)[..., None]  # (1, kvh, g*T, hd): heads in order
+    return merged.view(1, heads, t, hd).transpose(1, 2).reshape(1, t, heads * hd)

@@ -26,6 +26,12 @@ MIN_SHARED_BLOCKS = 4
 (64 tokens at 16 per block); below it the split and merge cost more than they save."""
 
 
+SPLIT_PREFIX_TOKENS = 32
+"""A CPU pass of one sequence's new tokens on top of a held prefix attends to the two
+apart from this many new tokens on (``attention.prefix_split_attention``); below it the
+masked product over the whole context is as fast."""
+
+
 class RunnerSequence(Protocol):
     """What the runner reads and advances on a sequence (``engine.sequence.Sequence``)."""
 
@@ -234,6 +240,12 @@ class ModelRunner:
                 context, mask = self._context(seqs, starts, lens, positions, skips)
                 return AttentionMetadata(slot_blocks, slot_offsets, token_index, context, mask,
                                          self.scale, shared)
+            if (len(seqs) == 1 and lens[0] >= SPLIT_PREFIX_TOKENS and starts[0] > 0
+                    and self.device.type == "cpu"):
+                held = seqs[0].block_table[:-(-starts[0] // self.block_size)]
+                prefix = (torch.tensor(held, device=self.device), starts[0])
+                return AttentionMetadata(slot_blocks, slot_offsets, token_index, None, None,
+                                         self.scale, prefix=prefix)
             if any(starts):
                 context, mask = self._context(seqs, starts, lens, positions)
         return AttentionMetadata(slot_blocks, slot_offsets, token_index, context, mask, self.scale)

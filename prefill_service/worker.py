@@ -42,10 +42,12 @@ so that only their publish (and decode's fetch of them) adds to a long prompt's 
 
 MAX_CHUNK_BLOCKS = 128
 """Most blocks computed in one forward pass (2048 tokens of 16), which bounds the pass's
-activations. A pass over a paged context attends with an explicit mask, which costs far more
-per token than the first, causal pass (measured on CPU: a 2048-token prompt as 4 chunks of
-512 tokens took 1.2-1.8x the CPU time of one pass, as 1536 + 512 tokens 1.1-1.2x), so the
-blocks before the last chunk go in as few passes as this allows."""
+activations. A pass over a paged context costs more per token than the first, causal pass
+(measured on CPU, when such passes still attended with an explicit mask: a 2048-token prompt
+as 4 chunks of 512 tokens took 1.2-1.8x the CPU time of one pass, as 1536 + 512 tokens
+1.1-1.2x; a single call's pass now attends to its held prefix and its new tokens apart,
+``attention.prefix_split_attention``, which narrows that), so the blocks before the last
+chunk go in as few passes as this allows."""
 
 
 BATCH_TOKENS = 4096
