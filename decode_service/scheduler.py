@@ -56,10 +56,9 @@ class Admission:
 
 @dataclass(frozen=True)
 class Admitted:
-    """First event of a request: when work on it started and what importing its blocks cost."""
+    """First event of a request: when work on it (importing its blocks) started."""
 
     started: float
-    prefill_ms: float
 
 
 class BatchScheduler:
@@ -168,7 +167,7 @@ class BatchScheduler:
                 self._unpublished[a.seq.seq_id] = a.fetched
         self._release_landed(a)  # the sequence holds its own references now
         self._queues[a.seq.seq_id] = a.events
-        self._send(a.events, Admitted(started, (time.monotonic() - started) * 1000))
+        self._send(a.events, Admitted(started))
 
     def _release_landed(self, a: Admission) -> None:
         if a.landed:

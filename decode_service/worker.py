@@ -234,8 +234,11 @@ class DecodeWorker:
                     arrived: float, first: float, last: float, count: int,
                     reason: str) -> Completion:
         bs = self.runtime.spec.block_size
+        # prefill: the remote call, then from admission to the first token (importing the
+        # blocks, then the step that computes the prompt's tail here); the three phases add
+        # up to the time to first token
         timings = Timings(queue_ms=(admitted.started - arrived) * 1000 - plan.prefill_ms - plan.fetch_ms,
-                          prefill_ms=plan.prefill_ms + admitted.prefill_ms,
+                          prefill_ms=plan.prefill_ms + (first - admitted.started) * 1000,
                           kv_fetch_ms=plan.fetch_ms,
                           time_to_first_token_ms=(first - arrived) * 1000,
                           decode_ms=(last - first) * 1000)

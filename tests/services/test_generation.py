@@ -55,6 +55,10 @@ def test_a_shared_prefix_is_served_from_the_store(cluster: Cluster, reference: R
     ids = reference.tokenizer.encode(second_prompt)
     assert second.usage.prompt_tokens == len(ids)
     assert list(second.token_ids) == reference.greedy(ids, 12)
+    for reply in (first, second):  # the phases add up to the time to first token
+        t = reply.timings
+        assert t.prefill_ms > 0 and t.queue_ms >= 0 and t.kv_fetch_ms >= 0
+        assert abs(t.queue_ms + t.prefill_ms + t.kv_fetch_ms - t.time_to_first_token_ms) < 1.0
 
 
 def test_decode_workers_share_blocks_through_the_store(cluster: Cluster, reference: Reference) -> None:
