@@ -1,7 +1,7 @@
-"""Projection matmuls in whichever of four product forms is fastest on this machine.
+"""Projection matmuls in whichever of five product forms is fastest on this machine.
 
 The model stores every projection weight ``W`` (out, in) column-major (``engine.model``).
-A few or many rows ``x`` (M, in) can be multiplied four ways:
+A few or many rows ``x`` (M, in) can be multiplied four ways, and a single row a fifth:
 
 * ``linear``: ``F.linear(x, W)``, which PyTorch's CPU build hands to MKL's ``sgemm``;
 * ``transposed``: ``W @ x.T``, copied back to row order, so that BLAS tiles along the long
@@ -18,7 +18,10 @@ A few or many rows ``x`` (M, in) can be multiplied four ways:
 * ``split``: the output columns cut into one slice per thread, multiplied as one batched
   product (``torch.bmm`` runs the slices on the threads side by side). MKL multiplies a
   single row on one core only, which reads memory at about half of what two cores do; on a
-  2-core AMD EPYC a single-row decode step's projections took 27 ms this way against 33 ms.
+  2-core AMD EPYC a single-row decode step's projections took 27 ms this way against 33 ms;
+* ``gemv`` (one row only): kvrelay's own C kernel (``engine.cpu_gemv``), which streams the
+  weight at 25-30 GB/s where the BLAS single-row kernels read 16-19 GB/s on that EPYC
+  (30 layers' projections 15-17 ms against 22-26 ms).
 
 Which one wins depends on the CPU and the BLAS build, not only on the shapes. On a 2-core
 Intel Xeon (AVX-512) ``linear`` won for most row counts; on a 2-core AMD EPYC (AVX2),
@@ -56,10 +59,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from engine import cpu_gemv
+
 log = logging.getLogger(__name__)
 
-LINEAR, TRANSPOSED, ONEDNN, SPLIT = 0, 1, 2, 3
-FORMS = ("linear", "transposed", "onednn-packed", "split")
+LINEAR, TRANSPOSED, ONEDNN, SPLIT, GEMV = 0, 1, 2, 3, 4
+FORMS = ("linear", "transposed", "onednn-packed", "split", "gemv")
 
 PACK_ROWS = 16
 """The row count oneDNN is told to expect when it picks the packed weight's layout. One
@@ -142,6 +147,8 @@ def _product(form: int, rows: torch.Tensor, weight: torch.Tensor,
         return _ONEDNN(rows.contiguous(), _packed(weight), bias, "none", [], "")
     if form == SPLIT:
         return _split(rows, weight, bias)
+    if form == GEMV:
+        return cpu_gemv.gemv(rows, weight, bias)
     # W @ x.T is copied back to row order (a few hundred KB): left transposed, every later
     # op would see a last dimension with a stride, and SDPA then leaves its fused CPU
     # kernel for the math path (5x slower at a 544-token context).
@@ -207,12 +214,16 @@ def prepare(weights: Iterable[torch.Tensor]) -> int:
 
 def available_forms(weight: torch.Tensor) -> tuple[int, ...]:
     """The forms that can multiply ``weight`` here (oneDNN: CPU builds with it; split: a
-    column-major weight whose outputs divide among the threads)."""
+    column-major weight whose outputs divide among the threads; gemv: a column-major
+    float32 weight, where a C compiler built the kernel; it takes one row only, so ``tune``
+    leaves it out of larger buckets)."""
     if weight.device.type != "cpu":
         return (LINEAR,)
     forms = [LINEAR, TRANSPOSED] + ([ONEDNN] if _ONEDNN is not None else [])
     if _splittable(weight, torch.get_num_threads()):
         forms.append(SPLIT)
+    if cpu_gemv.supports(weight) and cpu_gemv.kernel() is not None:
+        forms.append(GEMV)
     return tuple(forms)
 
 
@@ -331,7 +342,7 @@ def plan_key(jobs: Sequence[Job]) -> str:
     cases = [[[list(g[0].shape), str(g[0].dtype), g[0].device.type] for g in groups if g]
              + [list(rows)] for groups, rows in jobs]
     what = [_cpu_model(), os.cpu_count(), torch.get_num_threads(), torch.__version__,
-            _ONEDNN is not None, FORMS, TIMING_VERSION, TIMED_WEIGHTS, LARGE_WEIGHTS, MIN_GAIN, cases]
+            _ONEDNN is not None, cpu_gemv.kernel() is not None, FORMS, TIMING_VERSION, TIMED_WEIGHTS, LARGE_WEIGHTS, MIN_GAIN, cases]
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:24]
 
 

@@ -139,11 +139,12 @@ def test_prepare_packs_the_weights_that_use_onednn_and_drops_the_others() -> Non
 
 def test_tune_times_real_matmuls_and_keeps_results_exact() -> None:
     group = [_column_major(torch.randn(64, 32)) for _ in range(2)]
-    report = matmul.tune([group], rows=(8, 16))
-    assert set(report) == {"64x32@8", "64x32@16"}
+    report = matmul.tune([group], rows=(1, 8, 16))
+    assert set(report) == {"64x32@1", "64x32@8", "64x32@16"}
     forms = {matmul.FORMS[f] for f in matmul.available_forms(group[0])}
-    assert all(set(s) == forms and all(v > 0 for v in s.values())
-               for s in report.values())
+    assert set(report["64x32@1"]) == forms  # gemv only multiplies one row
+    assert all(set(report[k]) == forms - {"gemv"} for k in ("64x32@8", "64x32@16"))
+    assert all(v > 0 for s in report.values() for v in s.values())
     x = torch.randn(16, 32)
     torch.testing.assert_close(linear(x, group[0]), F.linear(x, group[0]), **TOL)
 
