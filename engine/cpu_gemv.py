@@ -9,7 +9,8 @@ weight (``W.T`` is a row-major (in, out) matrix), adds eight rows at a time into
 accumulator that stays in L1/L2, and the threads sum their accumulators at the end. It is
 plain C (OpenMP for the threads, the compiler's vectorizer for AVX2/AVX-512), compiled on
 first use with the machine's C compiler for this CPU (``-march=native``) and kept under
-``$KVRELAY_CACHE_DIR/kernels``; where no compiler is available the form is simply not
+``$KVRELAY_CACHE_DIR/kernels``, keyed by the source, the compiler and the CPU's model and
+instruction-set flags; where no compiler is available the form is simply not
 offered and the BLAS forms serve (``engine.matmul``). It links to the OpenMP runtime torch
 has already loaded (same soname), so it shares torch's threads and ``torch.set_num_threads``.
 
@@ -102,12 +103,20 @@ def _compiler() -> str | None:
     return None
 
 
-def _cpu_model() -> str:
+def _cpu_identity() -> str:
+    """The CPU model and its instruction-set flags: a library built with ``-march=native``
+    for one CPU must not be loaded on another, nor on the same model in a VM that hides
+    some of its instructions (AVX-512), where it would die of an illegal instruction."""
+    found = {}
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return os.uname().machine
+            name, _, value = line.partition(":")
+            name = name.strip()
+            if name in ("model name", "flags") and name not in found:
+                found[name] = value.strip()
+            if len(found) == 2:
+                break
+    return "\n".join((os.uname().machine, found.get("model name", ""), found.get("flags", "")))
 
 
 def _build(cache_dir: Path) -> Path | None:
@@ -117,7 +126,7 @@ def _build(cache_dir: Path) -> Path | None:
     if cc is None:
         log.info("no C compiler: the single-row kernel is not used")
         return None
-    key = hashlib.sha256("\0".join((SOURCE, cc, *FLAGS, _cpu_model())).encode()).hexdigest()[:20]
+    key = hashlib.sha256("\0".join((SOURCE, cc, *FLAGS, _cpu_identity())).encode()).hexdigest()[:20]
     path = cache_dir / f"gemv-{key}.so"
     if path.exists():
         return path
