@@ -12,7 +12,9 @@ first use with the machine's C compiler for this CPU (``-march=native``) and kep
 ``$KVRELAY_CACHE_DIR/kernels``, keyed by the source, the compiler and the CPU's model and
 instruction-set flags; where no compiler is available the form is simply not
 offered and the BLAS forms serve (``engine.matmul``). It links to the OpenMP runtime torch
-has already loaded (same soname), so it shares torch's threads and ``torch.set_num_threads``.
+has already loaded (same soname), so it shares torch's threads; it runs on as many as
+``torch.get_num_threads()`` says (passed in: OpenMP's own setting is per calling thread, and
+the worker's compute thread is not the one that set it).
 
 The sum runs in another order than BLAS's, so results agree with ``F.linear`` to float
 rounding, as the other forms do.
@@ -43,8 +45,8 @@ SOURCE = r"""
 /* y (n_out) = x (n_in) @ wt (n_in, n_out, row-major) [+ bias]; wt is W (out, in) stored
    column-major. Each thread sums a band of rows into its own accumulator. */
 int kvrelay_gemv(const float *x, const float *wt, const float *bias, float *y,
-                 long n_in, long n_out) {
-    int nt = omp_get_max_threads();
+                 long n_in, long n_out, int threads) {
+    int nt = threads;
     if (nt < 1) nt = 1;
     if (nt > 64) nt = 64;
     if (n_in < 64 * nt) nt = 1;
@@ -159,7 +161,7 @@ def kernel(cache_dir: Path | None = None) -> object | None:
         path = _build(cache_dir or default)
         if path is not None:
             fn = ctypes.CDLL(str(path)).kvrelay_gemv  # CDLL: the call releases the GIL
-            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2
+            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2 + [ctypes.c_int]
             fn.restype = ctypes.c_int
     except (OSError, subprocess.SubprocessError) as err:
         log.warning("the single-row kernel is not available: %s", err)
@@ -191,7 +193,7 @@ def gemv(row: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
             raise RuntimeError("bias must be float32 with one value per output")
     y = torch.empty(1, out_features, dtype=torch.float32)
     status = fn(x.data_ptr(), weight.data_ptr(), None if b is None else b.data_ptr(),  # type: ignore[operator]
-                y.data_ptr(), in_features, out_features)
+                y.data_ptr(), in_features, out_features, torch.get_num_threads())
     if status != 0:
         raise MemoryError("the single-row kernel could not allocate its accumulators")
     return y
