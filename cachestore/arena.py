@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class Arena:
     """Hands out views of one preallocated buffer; ``reset()`` recycles all of them.
@@ -37,3 +39,51 @@ class Arena:
     @property
     def capacity(self) -> int:
         return len(self._buffer)
+
+
+class Landed:
+    """A bulk reply received in two places: its first bytes (the block header) in an arena,
+    the rest straight into memory the caller chose (``LandingArena``)."""
+
+    __slots__ = ("header", "payload")
+
+    def __init__(self, header: memoryview, payload: memoryview) -> None:
+        self.header = header
+        self.payload = payload
+
+    @property
+    def nbytes(self) -> int:
+        return self.header.nbytes + self.payload.nbytes
+
+
+class LandingArena:
+    """An ``Arena`` that lets values of one known size skip it: the reader asks
+    ``take_split`` first, and a value of ``header_nbytes + payload_nbytes`` bytes is read
+    with its header into the arena and its payload straight into ``dest(index)`` (a pool
+    block, say), where ``index`` counts the values asked for so far from ``first`` on.
+    ``dest`` returning None, or a value of another size, falls back to the arena.
+    """
+
+    def __init__(self, inner: Arena, header_nbytes: int, payload_nbytes: int,
+                 dest: Callable[[int], memoryview | None], first: int = 0) -> None:
+        self._inner = inner
+        self._header_nbytes = header_nbytes
+        self._payload_nbytes = payload_nbytes
+        self._dest = dest
+        self._next = first
+
+    def take(self, nbytes: int) -> memoryview:
+        return self._inner.take(nbytes)
+
+    def take_split(self, nbytes: int) -> tuple[memoryview, memoryview] | None:
+        index = self._next
+        self._next += 1
+        if nbytes != self._header_nbytes + self._payload_nbytes:
+            return None
+        dest = self._dest(index)
+        if dest is None or dest.nbytes != self._payload_nbytes:
+            return None
+        return self._inner.take(self._header_nbytes), dest
+
+    def reset(self) -> None:
+        self._inner.reset()

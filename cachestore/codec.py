@@ -151,14 +151,24 @@ def decode_block(value: Buffer, spec: BlockSpec, block_hash: bytes) -> memoryvie
     view = _byte_view(value)
     if view.nbytes < HEADER_SIZE:
         raise BlockRejected(RejectReason.TRUNCATED)
-    (magic, version, dtype_code, *fields) = _HEADER.unpack_from(view)
+    return decode_block_parts(view[:HEADER_SIZE], view[HEADER_SIZE:], spec, block_hash)
+
+
+def decode_block_parts(header: Buffer, payload: Buffer, spec: BlockSpec, block_hash: bytes
+                       ) -> memoryview:
+    """``decode_block`` of a value received in two places: its first ``HEADER_SIZE``
+    bytes and the rest (read straight into the memory it is meant for). Returns the
+    payload view if the two make exactly the expected block."""
+    head, body = _byte_view(header), _byte_view(payload)
+    if head.nbytes != HEADER_SIZE:
+        raise BlockRejected(RejectReason.TRUNCATED)
+    (magic, version, dtype_code, *fields) = _HEADER.unpack_from(head)
     shape, (fingerprint, digest, length, checksum) = tuple(fields[:5]), fields[5:]
     _check_header(spec, block_hash, magic, version, dtype_code, shape, fingerprint, digest)
-    _check_length(spec, length, view.nbytes - HEADER_SIZE)
-    payload = view[HEADER_SIZE:]
-    if _checksum(view[:_CHECKED_HEADER], payload) != checksum:
+    _check_length(spec, length, body.nbytes)
+    if _checksum(head[:_CHECKED_HEADER], body) != checksum:
         raise BlockRejected(RejectReason.WRONG_CHECKSUM)
-    return payload
+    return body
 
 
 def _check_header(spec: BlockSpec, block_hash: bytes, magic: bytes, version: int,

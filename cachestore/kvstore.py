@@ -15,8 +15,15 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from cachestore.arena import Arena
-from cachestore.codec import BlockRejected, BlockSpec, decode_block, encode_block
+from cachestore.arena import Arena, Landed, LandingArena
+from cachestore.codec import (
+    HEADER_SIZE,
+    BlockRejected,
+    BlockSpec,
+    decode_block,
+    decode_block_parts,
+    encode_block,
+)
 from cachestore.hashing import BlockHash, block_key, hash_block_chain
 from cachestore.stats import CacheStats
 from cachestore.store import BlockStore
@@ -41,6 +48,8 @@ keeps a 1984-token cached prefix on whole blocks (124 x 16); 128 would not."""
 DEFAULT_BATCH_BYTES = 32 * 1024 * 1024
 
 Sink = Callable[[int, memoryview], None]
+Land = Callable[[int], "memoryview | None"]
+"""Where block ``i``'s payload may be received (``fetch_prefix``), or None: the arena."""
 """Receives ``(block index, verified payload)``; the view is valid only during the call.
 An exception from the sink ends the fetch and propagates to ``fetch_prefix``'s caller."""
 
@@ -72,13 +81,20 @@ class PrefixCache:
         """Number of leading blocks present in the store (not yet verified)."""
         return self.store.lookup_prefix(self.keys(hashes))
 
-    def fetch_prefix(self, hashes: Sequence[BlockHash], sink: Sink) -> int:
-        """Hand every block of the longest verified prefix to ``sink``; returns its length."""
+    def fetch_prefix(self, hashes: Sequence[BlockHash], sink: Sink,
+                     land: Land | None = None) -> int:
+        """Hand every block of the longest verified prefix to ``sink``; returns its length.
+
+        With ``land``, block ``i``'s payload is received straight into ``land(i)`` (its
+        KV pool block, say) when that gives memory of the payload's size, verified there,
+        and handed to ``sink`` as that very memory: no copy between the socket and the
+        pool. A block that does not verify leaves ``land(i)``'s memory written but is never
+        handed to ``sink``, and the fetch stops there as always."""
         started = time.monotonic()
         fetched = 0
         for start in range(0, len(hashes), self._batch_blocks):
             batch = hashes[start:start + self._batch_blocks]
-            accepted = self._fetch_batch(start, batch, sink)
+            accepted = self._fetch_batch(start, batch, sink, land)
             fetched += accepted
             if accepted < len(batch):
                 break
@@ -99,11 +115,12 @@ class PrefixCache:
         self.stats.add_seconds("publish", time.monotonic() - started)
         return written
 
-    def _fetch_batch(self, start: int, batch: Sequence[BlockHash], sink: Sink) -> int:
+    def _fetch_batch(self, start: int, batch: Sequence[BlockHash], sink: Sink,
+                     land: Land | None = None) -> int:
         accepted = 0
         sink_error: Exception | None = None
 
-        def visit(offset: int, value: memoryview | None) -> bool:
+        def visit(offset: int, value: memoryview | Landed | None) -> bool:
             nonlocal accepted, sink_error
             payload = None if value is None else self._verified(batch[offset], value)
             if payload is None:
@@ -116,14 +133,20 @@ class PrefixCache:
             accepted += 1
             return True
 
-        self.store.get_each(self.keys(batch), visit, arena=self._arena(),
+        arena: Arena | LandingArena = self._arena()
+        if land is not None:
+            arena = LandingArena(self._arena(), HEADER_SIZE, self.spec.payload_nbytes, land,
+                                 start)
+        self.store.get_each(self.keys(batch), visit, arena=arena,
                             max_value_bytes=self.spec.value_nbytes)
         if sink_error is not None:
             raise sink_error  # the caller's own failure, not a store error
         return accepted
 
-    def _verified(self, block_hash: BlockHash, value: memoryview) -> memoryview | None:
+    def _verified(self, block_hash: BlockHash, value: memoryview | Landed) -> memoryview | None:
         try:
+            if isinstance(value, Landed):
+                return decode_block_parts(value.header, value.payload, self.spec, block_hash)
             return decode_block(value, self.spec, block_hash)
         except BlockRejected as rejected:
             self.stats.integrity(rejected.reason.value,

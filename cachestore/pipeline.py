@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from cachestore.arena import Arena
+from cachestore.arena import Arena, LandingArena
 from cachestore.resp import Reply, ReplyReader, send_buffers
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ Route = list[tuple[Any, list[int]]]
 
 
 def run_pipeline(route: Route, commands: Sequence[Sequence[Buffer]], on_reply: OnReply,
-                 arena: Arena | None, deadline: float, socket_timeout: float,
+                 arena: Arena | LandingArena | None, deadline: float, socket_timeout: float,
                  max_bulk: int | None = None) -> None:
     """Send ``commands`` over the pools in ``route`` and hand over replies in order
     (bulk replies over ``max_bulk`` bytes arrive as ``TooLarge``)."""
@@ -55,7 +55,7 @@ def run_pipeline(route: Route, commands: Sequence[Sequence[Buffer]], on_reply: O
 
 
 def _read_in_order(route: Route, readers: list[ReplyReader], count: int, on_reply: OnReply,
-                   arena: Arena | None) -> None:
+                   arena: Arena | LandingArena | None) -> None:
     node_of = [0] * count
     for node, (_, indices) in enumerate(route):
         for index in indices:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from redis.exceptions import AuthenticationError, AuthorizationError, RedisClusterException
 
-from cachestore.arena import Arena
+from cachestore.arena import Arena, Landed, LandingArena
 from cachestore.pipeline import OnReply, run_pipeline
 from cachestore.resp import Reply, ReplyError, TooLarge, pack_command, pack_set
 from cachestore.routing import ClusterRouter, StandaloneRouter
@@ -115,14 +115,15 @@ class RedisBlockStore:
                  ) -> list[memoryview | None]:
         values: list[memoryview | None] = [None] * len(keys)
 
-        def keep(index: int, value: memoryview | None) -> bool:
-            values[index] = value
+        def keep(index: int, value: memoryview | Landed | None) -> bool:
+            values[index] = value if isinstance(value, memoryview) else None  # plain arena
             return True
 
         self._get(keys, keep, arena, recycle=False)
         return values
 
-    def get_each(self, keys: Sequence[str], visit: Visit, *, arena: Arena | None = None,
+    def get_each(self, keys: Sequence[str], visit: Visit, *,
+                 arena: Arena | LandingArena | None = None,
                  max_value_bytes: int | None = None) -> None:
         self._get(keys, visit, arena or Arena(), recycle=True, max_bulk=max_value_bytes)
 
@@ -146,7 +147,7 @@ class RedisBlockStore:
     def close(self) -> None:
         self._router.close()
 
-    def _get(self, keys: Sequence[str], visit: Visit, arena: Arena | None,
+    def _get(self, keys: Sequence[str], visit: Visit, arena: Arena | LandingArena | None,
              recycle: bool, max_bulk: int | None = None) -> None:
         received = 0
 
@@ -154,7 +155,9 @@ class RedisBlockStore:
             nonlocal received
             if isinstance(reply, TooLarge):
                 self.stats.integrity("too_large", keys[index])
-            value = memoryview(reply) if isinstance(reply, (bytes, memoryview)) else None
+            value: memoryview | Landed | None = (
+                memoryview(reply) if isinstance(reply, (bytes, memoryview))
+                else reply if isinstance(reply, Landed) else None)
             received += value.nbytes if value is not None else 0
             go_on = visit(index, value)
             if recycle and arena is not None:
@@ -167,7 +170,8 @@ class RedisBlockStore:
         self.stats.add("bytes_read", received)
 
     def _call(self, op: str, keys: Sequence[bytes], commands: Sequence[Sequence[Buffer]],
-              on_reply: OnReply, arena: Arena | None = None, max_bulk: int | None = None
+              on_reply: OnReply, arena: Arena | LandingArena | None = None,
+              max_bulk: int | None = None
               ) -> None:
         if not commands:
             return

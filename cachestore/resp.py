@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from cachestore.arena import Arena
+from cachestore.arena import Arena, Landed, LandingArena
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -52,7 +52,7 @@ class TooLarge:
         self.nbytes = nbytes
 
 
-Reply = int | bytes | memoryview | ReplyError | TooLarge | None
+Reply = int | bytes | memoryview | Landed | ReplyError | TooLarge | None
 
 
 def _bulk(arg: bytes) -> bytes:
@@ -141,7 +141,7 @@ class ReplyReader:
         self._start = 0
         self._end = 0
 
-    def read(self, arena: Arena | None = None) -> Reply:
+    def read(self, arena: Arena | LandingArena | None = None) -> Reply:
         """The next reply: int, bytes/memoryview (bulk), ReplyError, or None (nil)."""
         line = self._line()
         kind, rest = line[:1], line[1:]
@@ -160,18 +160,31 @@ class ReplyReader:
                 return TooLarge(length)
             return self._bulk(length, arena)
         if kind == b"!":
-            return ReplyError(bytes(self._bulk(int(rest), None)).decode(errors="replace"))
+            return ReplyError(bytes(self._exactly_then_crlf(int(rest))).decode(errors="replace"))
         if kind == b"_":
             return None
         raise ConnectionError(f"unexpected reply type {kind!r}")
 
-    def _bulk(self, length: int, arena: Arena | None) -> bytes | memoryview:
+    def _bulk(self, length: int, arena: Arena | LandingArena | None
+              ) -> bytes | memoryview | Landed:
         value: bytes | memoryview
+        parts = arena.take_split(length) if isinstance(arena, LandingArena) and \
+            length > _SMALL else None
+        if parts is not None:  # header into the arena, payload straight where it belongs
+            for part in parts:
+                self._fill_into(part)
+            self._exactly(2)
+            return Landed(*parts)
         if arena is None or length <= _SMALL:
             value = bytes(self._exactly(length))
         else:
             value = arena.take(length)
             self._fill_into(value)
+        self._exactly(2)
+        return value
+
+    def _exactly_then_crlf(self, length: int) -> bytes:
+        value = bytes(self._exactly(length))
         self._exactly(2)
         return value
 

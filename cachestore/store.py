@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from cachestore.arena import Arena
+from cachestore.arena import Arena, Landed, LandingArena
 from cachestore.stats import CacheStats
 
 if TYPE_CHECKING:
@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 PutItem = tuple[str, Sequence["Buffer"]]
 """A key and the parts of its value (header, payload), sent without joining them."""
 
-Visit = Callable[[int, "memoryview | None"], bool]
-"""Receives ``(key index, value or None)`` in key order; returns False to stop."""
+Visit = Callable[[int, "memoryview | Landed | None"], bool]
+"""Receives ``(key index, value or None)`` in key order; returns False to stop. A value
+read through a ``LandingArena`` arrives as ``Landed`` (header and payload apart)."""
 
 
 class BlockStore(Protocol):
@@ -43,7 +44,8 @@ class BlockStore(Protocol):
         ``arena`` when one is given (valid until its next reset)."""
         ...
 
-    def get_each(self, keys: Sequence[str], visit: Visit, *, arena: Arena | None = None,
+    def get_each(self, keys: Sequence[str], visit: Visit, *,
+                 arena: Arena | LandingArena | None = None,
                  max_value_bytes: int | None = None) -> None:
         """Stream the values to ``visit`` in key order, each as soon as it has arrived,
         until ``visit`` returns False. A value is valid only during its ``visit`` call
@@ -96,7 +98,8 @@ class MemoryBlockStore:
         self.stats.add("bytes_read", sum(len(v) for v in found if v is not None))
         return [None if v is None else memoryview(v) for v in found]
 
-    def get_each(self, keys: Sequence[str], visit: Visit, *, arena: Arena | None = None,
+    def get_each(self, keys: Sequence[str], visit: Visit, *,
+                 arena: Arena | LandingArena | None = None,
                  max_value_bytes: int | None = None) -> None:
         for index, value in enumerate(self.get_many(keys)):
             if value is not None and max_value_bytes is not None and (
@@ -138,7 +141,8 @@ class NullBlockStore:
                  ) -> list[memoryview | None]:
         return [None] * len(keys)
 
-    def get_each(self, keys: Sequence[str], visit: Visit, *, arena: Arena | None = None,
+    def get_each(self, keys: Sequence[str], visit: Visit, *,
+                 arena: Arena | LandingArena | None = None,
                  max_value_bytes: int | None = None) -> None:
         if keys:
             visit(0, None)

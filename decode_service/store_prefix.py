@@ -35,12 +35,14 @@ class StorePrefix:
     """Blocks ``[0, fetched)`` of ``hashes``: verified and handed to ``sink`` in order, with
     their index in ``hashes``. Fetches never run two at a time. On the store thread, each
     fetch of ``n`` blocks first calls ``reserve(n)`` and ends with ``settle()`` (room for
-    the blocks and giving back what was not used: ``kvblocks.BlockLanding``)."""
+    the blocks and giving back what was not used: ``kvblocks.BlockLanding``); with ``land``,
+    payloads are received straight into the memory it names (``BlockLanding.land``)."""
 
     def __init__(self, runtime: Runtime, hashes: list[BlockHash], sink: Sink,
                  poll_interval_s: float = POLL_INTERVAL_S, *,
                  reserve: Callable[[int], None] | None = None,
-                 settle: Callable[[], None] | None = None, start: int = 0) -> None:
+                 settle: Callable[[], None] | None = None, start: int = 0,
+                 land: Callable[[int], memoryview | None] | None = None) -> None:
         self.hashes = hashes
         self.fetched = start  # blocks the caller has already (shared from the KV pool)
         self._rt = runtime
@@ -48,6 +50,7 @@ class StorePrefix:
         self._poll_interval_s = poll_interval_s
         self._reserve = reserve
         self._settle = settle
+        self._land = land
 
     async def fetch_to(self, end: int) -> int:
         """Fetch blocks ``[fetched, end)`` up to the first one missing or invalid; returns
@@ -59,13 +62,20 @@ class StorePrefix:
         def sink(index: int, payload: memoryview) -> None:
             self._sink(start + index, payload)
 
+        land = None
+        if self._land is not None:
+            to = self._land
+
+            def land(index: int) -> memoryview | None:
+                return to(start + index)
+
         rt = self._rt
 
         def fetch() -> int:
             if self._reserve is not None:
                 self._reserve(end - start)
             try:
-                return rt.cache.fetch_prefix(self.hashes[start:end], sink)
+                return rt.cache.fetch_prefix(self.hashes[start:end], sink, land)
             finally:
                 if self._settle is not None:
                     self._settle()

@@ -151,7 +151,7 @@ class DecodeWorker:
             rt.metrics.queried_tokens.inc(len(hashes) * bs)
             rt.metrics.pool_shared_tokens.inc(held * bs)
             prefix = StorePrefix(rt, hashes, landing.put, reserve=landing.reserve,
-                                 settle=landing.settle, start=held)
+                                 settle=landing.settle, start=held, land=landing.land)
             started = time.monotonic()
             available = await self._remote_prefill(req, ids, prefix, cached, arrived, time_left_s)
             prefill_ms = (time.monotonic() - started) * 1000

@@ -152,8 +152,17 @@ class BlockLanding:
         if more > 0:
             self._reserved += runner.allocator.allocate_up_to(more, self._headroom)
 
+    def land(self, index: int) -> memoryview | None:
+        """Where block ``index``'s payload may be received: the pool block ``put`` would
+        copy it into (``PrefixCache.fetch_prefix``'s ``land``), or None."""
+        if index != len(self) or not self._reserved or self.payloads:
+            return None
+        assert self._runner is not None and self._runner.kv is not None
+        return memoryview(self._runner.kv.landing_bytes(self._reserved[0]))  # type: ignore[arg-type]
+
     def put(self, index: int, payload: memoryview) -> None:
-        """The fetch sink: block ``index`` of the prompt (they arrive in order)."""
+        """The fetch sink: block ``index`` of the prompt (they arrive in order). A payload
+        received straight into the block ``land`` named is taken as it is, not copied."""
         if index != len(self):
             raise ValueError(f"block {index} arrived, block {len(self)} was next")
         if self._reserved and not self.payloads:
@@ -164,7 +173,9 @@ class BlockLanding:
                 self._reserved.insert(0, block)
                 raise ValueError(f"block payload is {payload.nbytes} bytes, "
                                  f"a pool block {dest.nbytes}")
-            np.copyto(dest, np.frombuffer(payload, np.uint8))
+            source = np.frombuffer(payload, np.uint8)
+            if source.ctypes.data != dest.ctypes.data:  # else it was received in place
+                np.copyto(dest, source)
             self.blocks.append(block)
         else:
             self.payloads.append(bytes(payload))

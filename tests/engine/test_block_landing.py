@@ -265,3 +265,23 @@ def test_a_converting_pool_takes_payloads_as_bytes(llama_pair: ModelPair) -> Non
     _land(landing, payloads, reserve=5)
     assert landing.blocks == [] and len(landing.payloads) == 5
     assert target.allocator.num_free == 16
+
+
+def test_payloads_received_where_land_says_are_taken_without_a_copy(
+        llama_pair: ModelPair) -> None:
+    expected, payloads = _source(llama_pair)
+    target = llama_pair.runner(num_blocks=16, block_size=4)
+    landing = BlockLanding(target)
+    landing.reserve(5)
+    assert landing.land(1) is None  # only the next block has a place
+    for i, payload in enumerate(payloads):
+        dest = landing.land(i)
+        assert dest is not None and dest.nbytes == payload.nbytes
+        dest[:] = payload  # what the socket does
+        landing.put(i, dest)
+    landing.settle()
+    assert len(landing.blocks) == 5 and landing.land(5) is None
+    warm = Sequence("warm", PROMPT)
+    target.adopt_blocks(warm, landing.blocks)
+    landing.release()
+    torch.testing.assert_close(target.prefill([warm])[0], expected, **TOL)
