@@ -133,10 +133,8 @@ class PrefixCache:
             accepted += 1
             return True
 
-        arena: Arena | LandingArena = self._arena()
-        if land is not None:
-            arena = LandingArena(self._arena(), HEADER_SIZE, self.spec.payload_nbytes, land,
-                                 start)
+        arena: Arena | LandingArena = self._arena() if land is None else LandingArena(
+            self._arena(), HEADER_SIZE, self.spec.payload_nbytes, land, start)
         self.store.get_each(self.keys(batch), visit, arena=arena,
                             max_value_bytes=self.spec.value_nbytes)
         if sink_error is not None:

@@ -157,17 +157,12 @@ def shared_attention(q: torch.Tensor, kv_layer: torch.Tensor,
     lse_shared = torch.full_like(lse_own, float("-inf"))
     for members, blocks in meta.shared:
         n = members.shape[0]
-        k = kv_layer[:, 0].index_select(0, blocks).view(1, -1, kvh, hd).transpose(1, 2)
-        v = kv_layer[:, 1].index_select(0, blocks).view(1, -1, kvh, hd).transpose(1, 2)
+        k, v = _blocks_kv(kv_layer, blocks)
         stacked = rows.index_select(0, members).permute(1, 2, 0, 3).reshape(1, kvh, g * n, hd)
         out, lse = _flash_with_lse(stacked, k, v, 0.0, False, scale=meta.scale)
         out_shared.index_copy_(0, members, out.view(kvh, g, n, hd).permute(2, 0, 1, 3))
         lse_shared.index_copy_(0, members, lse.view(kvh, g, n).permute(2, 0, 1))
-    top = torch.maximum(lse_shared, lse_own)
-    w_shared, w_own = (lse_shared - top).exp_(), (lse_own - top).exp_()
-    merged = (out_shared * w_shared[..., None] + out_own * w_own[..., None]) \
-        / (w_shared + w_own)[..., None]
-    return merged.view(batch, heads, hd)
+    return _merge(out_shared, lse_shared, out_own, lse_own).view(batch, heads, hd)
 
 
 def prefix_split_attention(q: torch.Tensor, kv: torch.Tensor, kv_layer: torch.Tensor,
@@ -188,8 +183,7 @@ def prefix_split_attention(q: torch.Tensor, kv: torch.Tensor, kv_layer: torch.Te
     _, t, heads, hd = q.shape
     kvh = kv.shape[3]
     g = heads // kvh
-    k_old = kv_layer[:, 0].index_select(0, blocks).view(1, -1, kvh, hd)[:, :held].transpose(1, 2)
-    v_old = kv_layer[:, 1].index_select(0, blocks).view(1, -1, kvh, hd)[:, :held].transpose(1, 2)
+    k_old, v_old = _blocks_kv(kv_layer, blocks, held)
     # the query heads that share a KV head stacked along the query axis: (1, kvh, g*T, hd)
     stacked = q.transpose(1, 2).reshape(1, kvh, g * t, hd)
     out_old, lse_old = _flash_with_lse(stacked, k_old, v_old, 0.0, False, scale=scale)
@@ -197,8 +191,24 @@ def prefix_split_attention(q: torch.Tensor, kv: torch.Tensor, kv_layer: torch.Te
     out_new, lse_new = _flash_with_lse(q.transpose(1, 2), k_new, v_new, 0.0, True,
                                        scale=scale)  # (1, H, T, hd), (1, H, T)
     out_new, lse_new = out_new.reshape(1, kvh, g * t, hd), lse_new.reshape(1, kvh, g * t)
-    top = torch.maximum(lse_old, lse_new)
-    w_old, w_new = (lse_old - top).exp_(), (lse_new - top).exp_()
-    merged = (out_old * w_old[..., None] + out_new * w_new[..., None]) \
-        / (w_old + w_new)[..., None]  # (1, kvh, g*T, hd): heads in order
+    merged = _merge(out_old, lse_old, out_new, lse_new)  # (1, kvh, g*T, hd): heads in order
     return merged.view(1, heads, t, hd).transpose(1, 2).reshape(1, t, heads * hd)
+
+
+def _blocks_kv(kv_layer: torch.Tensor, blocks: torch.Tensor, tokens: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K and V of ``blocks`` in order (the first ``tokens`` of them), each
+    (1, kvh, tokens, hd)."""
+    kvh, hd = kv_layer.shape[-2:]
+    k = kv_layer[:, 0].index_select(0, blocks).view(1, -1, kvh, hd)[:, :tokens]
+    v = kv_layer[:, 1].index_select(0, blocks).view(1, -1, kvh, hd)[:, :tokens]
+    return k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+           lse_b: torch.Tensor) -> torch.Tensor:
+    """Attention over two disjoint sets of keys, merged by their log-sum-exps: exactly
+    softmax over all of them, to float rounding. out (..., hd), lse (...)."""
+    top = torch.maximum(lse_a, lse_b)
+    w_a, w_b = (lse_a - top).exp_(), (lse_b - top).exp_()
+    return (out_a * w_a[..., None] + out_b * w_b[..., None]) / (w_a + w_b)[..., None]

@@ -105,7 +105,7 @@ def _compiler() -> str | None:
     return None
 
 
-def _cpu_identity() -> str:
+def cpu_identity() -> str:
     """The CPU model and its instruction-set flags: a library built with ``-march=native``
     for one CPU must not be loaded on another, nor on the same model in a VM that hides
     some of its instructions (AVX-512), where it would die of an illegal instruction."""
@@ -128,7 +128,7 @@ def _build(cache_dir: Path) -> Path | None:
     if cc is None:
         log.info("no C compiler: the single-row kernel is not used")
         return None
-    key = hashlib.sha256("\0".join((SOURCE, cc, *FLAGS, _cpu_identity())).encode()).hexdigest()[:20]
+    key = hashlib.sha256("\0".join((SOURCE, cc, *FLAGS, cpu_identity())).encode()).hexdigest()[:20]
     path = cache_dir / f"gemv-{key}.so"
     if path.exists():
         return path

@@ -26,7 +26,7 @@ A few or many rows ``x`` (M, in) can be multiplied four ways, and a single row a
 Which one wins depends on the CPU and the BLAS build, not only on the shapes. On a 2-core
 Intel Xeon (AVX-512) ``linear`` won for most row counts; on a 2-core AMD EPYC (AVX2),
 ``transposed`` was 1.2-2.3x faster at 16-64 rows; on a 2-core AMD EPYC with AVX-512,
-``onednn`` was 1.2-2x faster than ``linear`` from 8 to 2048 rows (most likely MKL picks
+oneDNN was 1.2-2x faster than ``linear`` from 8 to 2048 rows (most likely MKL picks
 its AVX-512 kernels on Intel CPUs only). A fixed rule is therefore wrong on some machine, so ``tune``
 times every form once, on the model's own weights (every layer's, so the timing streams
 them from memory as a decode step does), per weight shape and power-of-two row bucket, the
@@ -215,8 +215,8 @@ def prepare(weights: Iterable[torch.Tensor]) -> int:
 def available_forms(weight: torch.Tensor) -> tuple[int, ...]:
     """The forms that can multiply ``weight`` here (oneDNN: CPU builds with it; split: a
     column-major weight whose outputs divide among the threads; gemv: a column-major
-    float32 weight, where a C compiler built the kernel; it takes one row only, so ``tune``
-    leaves it out of larger buckets)."""
+    float32 weight, where a C compiler built the kernel; it takes one row only, and
+    ``tune`` times it for the one-row bucket only)."""
     if weight.device.type != "cpu":
         return (LINEAR,)
     forms = [LINEAR, TRANSPOSED] + ([ONEDNN] if _ONEDNN is not None else [])
@@ -246,11 +246,13 @@ def tune(groups: Iterable[Sequence[torch.Tensor]], rows: Sequence[int] = TUNED_R
             if key in _plan:
                 continue
             timed = group[:LARGE_WEIGHTS if m >= LARGE_ROWS else TIMED_WEIGHTS]
-            speedups = _speedups(timed, m, forms, repeats)
+            usable = [f for f in forms if f != GEMV or m == 1]  # gemv takes one row
+            speedups = _speedups(timed, m, usable, repeats)
             best = max(speedups, key=lambda f: speedups[f])
             _plan[key] = best if speedups[best] >= MIN_GAIN else LINEAR
             report[f"{weight.shape[0]}x{weight.shape[1]}@{m}"] = {
                 FORMS[f]: round(s, 2) for f, s in speedups.items()}
+    _scratch.clear()
     if report:
         log.info("matmul forms measured in %.2f s: %s", time.perf_counter() - started,
                  ", ".join(f"{case} {_chosen(s)}" for case, s in report.items()))
@@ -297,7 +299,7 @@ def _speedups(group: Sequence[torch.Tensor], rows: int, forms: Sequence[int],
     return {f: best[LINEAR] / best[f] for f in usable}
 
 
-_scratch: list[torch.Tensor] = []
+_scratch: list[torch.Tensor] = []  # the eviction buffer while ``tune`` runs, then freed
 
 
 def _evict_caches() -> None:
@@ -328,20 +330,12 @@ def default_plan_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache/kvrelay") / "matmul"
 
 
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return os.uname().machine
-
-
 def plan_key(jobs: Sequence[Job]) -> str:
     """What the measurements of ``jobs`` depend on, as a short digest (the forms known too:
     a plan from a version with fewer forms is measured again)."""
     cases = [[[list(g[0].shape), str(g[0].dtype), g[0].device.type] for g in groups if g]
              + [list(rows)] for groups, rows in jobs]
-    what = [_cpu_model(), os.cpu_count(), torch.get_num_threads(), torch.__version__,
+    what = [cpu_gemv.cpu_identity(), os.cpu_count(), torch.get_num_threads(), torch.__version__,
             _ONEDNN is not None, cpu_gemv.kernel() is not None, FORMS, TIMING_VERSION, TIMED_WEIGHTS, LARGE_WEIGHTS, MIN_GAIN, cases]
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:24]
 

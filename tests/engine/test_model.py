@@ -145,6 +145,7 @@ def test_tune_times_real_matmuls_and_keeps_results_exact() -> None:
     assert set(report["64x32@1"]) == forms  # gemv only multiplies one row
     assert all(set(report[k]) == forms - {"gemv"} for k in ("64x32@8", "64x32@16"))
     assert all(v > 0 for s in report.values() for v in s.values())
+    assert matmul._scratch == []  # the cache-evicting buffer does not outlive the tuning
     x = torch.randn(16, 32)
     torch.testing.assert_close(linear(x, group[0]), F.linear(x, group[0]), **TOL)
 
