@@ -35,6 +35,14 @@ if TYPE_CHECKING:
 
 _CONNECTION_KINDS = frozenset({"timeout", "connection", "auth"})
 
+FETCH_AHEAD_BYTES = 4 * 1024 * 1024
+"""Block values requested ahead of the one being read by ``get_each`` (``run_pipeline``'s
+``ahead``, in bytes of the largest value). Fetching a 91 MB fp32 prefix of 737 KB blocks
+(124, in 32 MB batches) from a local Redis, 2-core AMD EPYC, median of 12: 37 ms with
+each batch's GETs sent at once, 14-15 ms with 2-8 MB ahead, 17 ms with 12 MB, 19 ms with
+16 MB. Puts gain nothing from a window (the server copies nothing into a reply), so
+they send each batch at once."""
+
 
 @dataclass(frozen=True)
 class StoreConfig:
@@ -165,14 +173,14 @@ class RedisBlockStore:
             return go_on
 
         encoded = _encode(keys)
+        ahead = None if max_bulk is None else max(2, FETCH_AHEAD_BYTES // max_bulk)
         self._call("get", encoded, [[pack_command(b"GET", k)] for k in encoded], on_reply,
-                   arena, max_bulk)
+                   arena, max_bulk, ahead)
         self.stats.add("bytes_read", received)
 
     def _call(self, op: str, keys: Sequence[bytes], commands: Sequence[Sequence[Buffer]],
               on_reply: OnReply, arena: Arena | LandingArena | None = None,
-              max_bulk: int | None = None
-              ) -> None:
+              max_bulk: int | None = None, ahead: int | None = None) -> None:
         if not commands:
             return
         if time.monotonic() < self._retry_at:
@@ -189,7 +197,7 @@ class RedisBlockStore:
 
         try:
             run_pipeline(self._router.route(keys), commands, checked, arena,
-                         started + self.config.timeout_s, self.config.timeout_s, max_bulk)
+                         started + self.config.timeout_s, self.config.timeout_s, max_bulk, ahead)
         except Exception as exc:  # noqa: BLE001 (a cache problem must never fail a request)
             self._failed(op, exc)
         self._count_reply_errors(op, errors)

@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 
+from cachestore import redis_store
 from cachestore.codec import BlockSpec
 from cachestore.kvstore import PrefixCache
 from cachestore.redis_store import RedisBlockStore
@@ -176,6 +178,38 @@ def test_stopping_a_stream_early_leaves_the_connection_usable(redis_server: Redi
     values = cache.store.get_many(keys)
     assert [bytes(v or b"")[-payloads[0].nbytes:] for v in values] == [
         p.tobytes() for p in payloads]
+    assert cache.stats.snapshot()["errors"] == {}
+
+
+def _gets_served(server: RedisServer) -> int:
+    with contextlib.closing(redis.Redis.from_url(server.url())) as admin:
+        return int(admin.info("commandstats").get("cmdstat_get", {}).get("calls", 0))
+
+
+def test_fetch_keeps_a_window_of_requests_ahead(redis_server: RedisServer, spec: BlockSpec,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redis_store, "FETCH_AHEAD_BYTES", 2 * spec.value_nbytes)  # 2 ahead
+    cache = _cache(redis_server.url(), spec, max_connections=1)
+    cache = PrefixCache(cache.store, spec)  # one batch: the window alone paces the GETs
+    hashes, payloads = _publish(cache)
+    sink = Collect()
+    assert cache.fetch_prefix(hashes, sink) == len(hashes) == 8
+    assert sink.blocks == [(i, p.tobytes()) for i, p in enumerate(payloads)]
+
+    # Stopping at block 2 leaves blocks 4-7 unrequested: at most two were ahead of it.
+    before = _gets_served(redis_server)
+    seen: list[int] = []
+
+    def visit(index: int, value: memoryview | None) -> bool:
+        seen.append(index)
+        return index < 2
+
+    cache.store.get_each(cache.keys(hashes), visit, max_value_bytes=spec.value_nbytes)
+    assert seen == [0, 1, 2]
+    assert _gets_served(redis_server) - before == 4
+    sink = Collect()  # the one connection is clean: nothing left unread on it
+    assert cache.fetch_prefix(hashes, sink) == 8
+    assert sink.blocks == [(i, p.tobytes()) for i, p in enumerate(payloads)]
     assert cache.stats.snapshot()["errors"] == {}
 
 
