@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import time
 
+import pytest
 from redis.cluster import RedisCluster
 
+from cachestore import redis_store
 from cachestore.codec import BlockSpec
 from cachestore.kvstore import PrefixCache
 from cachestore.redis_store import RedisBlockStore
@@ -36,6 +38,32 @@ def test_blocks_spread_over_masters_and_round_trip(redis_cluster: RedisClusterSe
     assert reader.fetch_prefix(hashes, sink) == 12
     assert sink.blocks == [(i, payloads[i].tobytes()) for i in range(12)]
     assert reader.stats.snapshot()["errors"] == {}
+
+
+def test_a_fetch_window_spans_the_masters_in_key_order(redis_cluster: RedisClusterServers,
+                                                      spec: BlockSpec,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redis_store, "FETCH_AHEAD_BYTES", 3 * spec.value_nbytes)  # 3 ahead
+    cache = _cache(redis_cluster, spec)
+    hashes = cache.block_hashes(list(range(4000, 4064)), "window")
+    payloads = make_payloads(spec, len(hashes))
+    assert cache.publish(hashes, list(payloads)) == 16
+    whole = PrefixCache(cache.store, spec)  # one batch of 16 over three masters
+    sink = Collect()
+    assert whole.fetch_prefix(hashes, sink) == 16
+    assert sink.blocks == [(i, p.tobytes()) for i, p in enumerate(payloads)]
+    seen: list[int] = []
+
+    def visit(index: int, value: memoryview | None) -> bool:
+        seen.append(index)
+        return index < 4
+
+    whole.store.get_each(whole.keys(hashes), visit, max_value_bytes=spec.value_nbytes)
+    assert seen == [0, 1, 2, 3, 4]
+    sink = Collect()  # every connection was left clean
+    assert whole.fetch_prefix(hashes, sink) == 16
+    assert sink.blocks == [(i, p.tobytes()) for i, p in enumerate(payloads)]
+    assert whole.stats.snapshot()["errors"] == {}
 
 
 def test_prefix_stops_at_a_deleted_middle_block(redis_cluster: RedisClusterServers,

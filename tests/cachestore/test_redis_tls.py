@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from cachestore import redis_store
 from cachestore.codec import BlockSpec
 from cachestore.kvstore import PrefixCache
 from cachestore.redis_store import RedisBlockStore
@@ -9,11 +12,15 @@ from tests.cachestore.conftest import Collect, make_payloads
 from tests.support.redis_server import RedisServer
 
 
-def test_blocks_round_trip_over_tls(redis_tls: RedisServer, spec: BlockSpec) -> None:
+@pytest.mark.parametrize("ahead", [None, 2])
+def test_blocks_round_trip_over_tls(redis_tls: RedisServer, spec: BlockSpec, ahead: int | None,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
     assert redis_tls.url().startswith("rediss://") and redis_tls.tls is not None
+    if ahead is not None:  # GETs written a few at a time while replies are read
+        monkeypatch.setattr(redis_store, "FETCH_AHEAD_BYTES", ahead * spec.value_nbytes)
     store = RedisBlockStore.from_url(redis_tls.url(), tls_ca_file=str(redis_tls.tls.ca_cert))
-    cache = PrefixCache(store, spec, batch_bytes=3 * spec.value_nbytes)
-    hashes = cache.block_hashes(list(range(40)))
+    cache = PrefixCache(store, spec, batch_bytes=6 * spec.value_nbytes)
+    hashes = cache.block_hashes(list(range(40)) if ahead is None else list(range(100, 140)))
     payloads = make_payloads(spec, len(hashes))
     assert cache.publish(hashes, list(payloads)) == 10
     sink = Collect()
