@@ -133,12 +133,18 @@ def _checksum(header_prefix: Buffer, payload: Buffer) -> int:
     return digest.intdigest()
 
 
-def encode_block(spec: BlockSpec, block_hash: bytes, payload: Payload
-                 ) -> tuple[bytes, memoryview]:
-    """``(header, payload)`` of one stored value; the payload is a view, not a copy."""
+def payload_view(spec: BlockSpec, payload: Payload) -> memoryview:
+    """``payload``'s bytes as a flat view; ValueError unless it is a contiguous block's worth."""
     data = _byte_view(payload)
     if data.nbytes != spec.payload_nbytes:
         raise ValueError(f"payload has {data.nbytes} bytes, the block needs {spec.payload_nbytes}")
+    return data
+
+
+def encode_block(spec: BlockSpec, block_hash: bytes, payload: Payload
+                 ) -> tuple[bytes, memoryview]:
+    """``(header, payload)`` of one stored value; the payload is a view, not a copy."""
+    data = payload_view(spec, payload)
     header = bytearray(_HEADER.pack(MAGIC, CODEC_VERSION, DTYPES[spec.kv_dtype][0], *spec.shape,
                                     bytes.fromhex(spec.fingerprint), block_hash, data.nbytes, 0))
     checksum = _checksum(memoryview(header)[:_CHECKED_HEADER], data)

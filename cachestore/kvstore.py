@@ -10,6 +10,7 @@ missing or invalid block ends the prefix.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,10 +24,11 @@ from cachestore.codec import (
     decode_block,
     decode_block_parts,
     encode_block,
+    payload_view,
 )
 from cachestore.hashing import BlockHash, block_key, hash_block_chain
 from cachestore.stats import CacheStats
-from cachestore.store import BlockStore
+from cachestore.store import BlockStore, PutItem
 
 if TYPE_CHECKING:
     from cachestore.codec import Payload
@@ -102,15 +104,21 @@ class PrefixCache:
         return fetched
 
     def publish(self, hashes: Sequence[BlockHash], payloads: Sequence[Payload]) -> int:
-        """Store ``payloads[i]`` as block ``hashes[i]`` (SET NX); returns how many were new."""
+        """Store ``payloads[i]`` as block ``hashes[i]`` (SET NX); returns how many were new.
+
+        Every payload is checked (ValueError) before anything is sent; each is encoded
+        (its checksum computed) only as it is about to be sent, while the server is still
+        reading the values before it."""
         if len(hashes) != len(payloads):
             raise ValueError(f"{len(hashes)} hashes but {len(payloads)} payloads")
+        views = [payload_view(self.spec, p) for p in payloads]
         started = time.monotonic()
         written = 0
         for start in range(0, len(hashes), self._batch_blocks):
-            items = [(block_key(self.spec.fingerprint, h), encode_block(self.spec, h, p))
-                     for h, p in zip(hashes[start:start + self._batch_blocks],
-                                     payloads[start:start + self._batch_blocks])]
+            items: list[PutItem] = [
+                (block_key(self.spec.fingerprint, h), functools.partial(encode_block, self.spec, h, v))
+                for h, v in zip(hashes[start:start + self._batch_blocks],
+                                views[start:start + self._batch_blocks])]
             written += self.store.put_many(items, self.ttl_s)
         self.stats.add_seconds("publish", time.monotonic() - started)
         return written

@@ -16,9 +16,9 @@ misses. After a connection failure or timeout, calls return misses at once for
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import redis
 from redis.exceptions import AuthenticationError, AuthorizationError, RedisClusterException
@@ -28,7 +28,7 @@ from cachestore.pipeline import OnReply, run_pipeline
 from cachestore.resp import Reply, ReplyError, TooLarge, pack_command, pack_set
 from cachestore.routing import ClusterRouter, StandaloneRouter
 from cachestore.stats import CacheStats
-from cachestore.store import PutItem, Visit
+from cachestore.store import PutItem, Visit, parts_of
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -136,7 +136,7 @@ class RedisBlockStore:
         self._get(keys, visit, arena or Arena(), recycle=True, max_bulk=max_value_bytes)
 
     def put_many(self, items: Sequence[PutItem], ttl_s: int | None = None) -> int:
-        sizes = [sum(memoryview(p).nbytes for p in parts) for _, parts in items]
+        sizes = [0] * len(items)
         written = []
 
         def on_reply(index: int, reply: Reply) -> bool:
@@ -146,8 +146,13 @@ class RedisBlockStore:
 
         keys = _encode([key for key, _ in items])
         ttl = ttl_s or self.config.ttl_s
-        commands = [pack_set(key, parts, ttl) for key, (_, parts) in zip(keys, items)]
-        self._call("put", keys, commands, on_reply)
+
+        def command(index: int) -> list[Buffer]:
+            parts = parts_of(items[index])
+            sizes[index] = sum(memoryview(p).nbytes for p in parts)
+            return pack_set(keys[index], parts, ttl)
+
+        self._call("put", keys, _Deferred(command, len(items)), on_reply)
         self.stats.add("blocks_written", len(written))
         self.stats.add("bytes_written", sum(written))
         return len(written)
@@ -215,6 +220,29 @@ class RedisBlockStore:
             self.stats.error(error.kind, f"{op}: {error.message}")
         if any(e.kind in ("moved", "ask") for e in errors):
             self._router.reset()
+
+
+class _Deferred(Sequence[list["Buffer"]]):
+    """Commands made as the pipeline comes to send them (``send_buffers`` takes them a
+    few MB at a time), each once: a value's encoding overlaps the sending of the ones
+    before it."""
+
+    def __init__(self, make: Callable[[int], list[Buffer]], count: int) -> None:
+        self._make, self._count = make, count
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> list[Buffer]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[list[Buffer]]: ...
+
+    def __getitem__(self, index: int | slice) -> list[Buffer] | Sequence[list[Buffer]]:
+        if isinstance(index, slice):
+            raise TypeError("deferred commands are taken one at a time")
+        return self._make(index)
 
 
 def _encode(keys: Sequence[str]) -> list[bytes]:

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 
 _IOV_MAX = 512
 _SMALL = 16 * 1024
+_SEND_AHEAD = 4 * 1024 * 1024
+"""Bytes ``send_buffers`` holds ready beyond what the socket has taken: about a loopback
+socket's send buffer, so the next buffers (a value encoded on demand) are made while the
+server drains the ones before."""
 _READ_CHUNK = 64 * 1024
 
 
@@ -89,9 +93,22 @@ def send_buffers(sock: socket.socket, buffers: Iterable[Buffer]) -> None:
         for buf in _small_ones_joined(buffers):
             sock.sendall(buf)
         return
-    pending = [memoryview(b).cast("B") for b in buffers]
-    while pending:
+    source = iter(buffers)
+    pending: list[memoryview] = []
+    queued = 0
+    more = True
+    while True:
+        while more and queued < _SEND_AHEAD:  # take buffers (made on demand) as room frees
+            taken = next(source, None)
+            if taken is None:
+                more = False
+            else:
+                pending.append(memoryview(taken).cast("B"))
+                queued += pending[-1].nbytes
+        if not pending:
+            return
         sent = sock.sendmsg(pending[:_IOV_MAX])
+        queued -= sent
         pending = _advance(pending, sent)
 
 

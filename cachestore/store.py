@@ -21,8 +21,17 @@ from cachestore.stats import CacheStats
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-PutItem = tuple[str, Sequence["Buffer"]]
-"""A key and the parts of its value (header, payload), sent without joining them."""
+Parts = Sequence["Buffer"]
+PutItem = tuple[str, "Parts | Callable[[], Parts]"]
+"""A key and the parts of its value (header, payload), sent without joining them; or a
+function making them, called once when the value is about to be sent (so that encoding,
+a checksum over the payload, overlaps the sending of the values before it)."""
+
+
+def parts_of(item: PutItem) -> Parts:
+    """The value parts of ``item``, made now if they were deferred."""
+    parts = item[1]
+    return parts() if callable(parts) else parts
 
 Visit = Callable[[int, "memoryview | Landed | None"], bool]
 """Receives ``(key index, value or None)`` in key order; returns False to stop. A value
@@ -112,10 +121,11 @@ class MemoryBlockStore:
     def put_many(self, items: Sequence[PutItem], ttl_s: int | None = None) -> int:
         written = 0
         with self._lock:
-            for key, parts in items:
+            for item in items:
+                key = item[0]
                 if self._live(key) is not None:
                     continue
-                self.values[key] = b"".join(parts)
+                self.values[key] = b"".join(parts_of(item))
                 if ttl_s:
                     self._expiry[key] = self._clock() + ttl_s
                 written += 1

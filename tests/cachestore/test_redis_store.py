@@ -186,6 +186,18 @@ def _gets_served(server: RedisServer) -> int:
         return int(admin.info("commandstats").get("cmdstat_get", {}).get("calls", 0))
 
 
+def test_a_payload_of_the_wrong_size_is_refused_before_anything_is_sent(
+        redis_server: RedisServer, spec: BlockSpec) -> None:
+    cache = _cache(redis_server.url(), spec)
+    hashes = cache.block_hashes([7] * 32)
+    payloads = list(make_payloads(spec, len(hashes)))
+    payloads[5] = payloads[5][:-1]  # values are encoded while they are sent, checked before
+    with pytest.raises(ValueError, match="payload has"):
+        cache.publish(hashes, payloads)
+    assert cache.lookup(hashes) == 0
+    assert cache.stats.snapshot()["errors"] == {}
+
+
 def test_fetch_keeps_a_window_of_requests_ahead(redis_server: RedisServer, spec: BlockSpec,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(redis_store, "FETCH_AHEAD_BYTES", 2 * spec.value_nbytes)  # 2 ahead

@@ -3,9 +3,11 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
+from cachestore import resp
 from cachestore.arena import Arena
 from cachestore.resp import (
     ReplyError,
@@ -62,6 +64,46 @@ def test_send_buffers_delivers_every_byte_in_order() -> None:
     assert bytes(received) == _joined(parts)
     a.close()
     b.close()
+
+
+class _SlowSocket:
+    """Takes at most ``chunk`` bytes per sendmsg, like a socket whose buffer drains slowly."""
+
+    def __init__(self, chunk: int, events: list[str]) -> None:
+        self.chunk, self.events, self.data = chunk, events, bytearray()
+
+    def sendmsg(self, buffers: list[memoryview]) -> int:
+        taken = 0
+        for buf in buffers:
+            part = bytes(buf[:self.chunk - taken])
+            self.data += part
+            taken += len(part)
+            if taken == self.chunk:
+                break
+        self.events.append("send")
+        return taken
+
+
+def test_send_buffers_makes_buffers_as_the_socket_takes_them(monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    monkeypatch.setattr(resp, "_SEND_AHEAD", 3000)
+    events: list[str] = []
+    values = [bytes([i]) * 1000 for i in range(12)]
+
+    def made() -> Iterator[bytes]:  # values encoded on demand, as publish does
+        for value in values:
+            events.append("make")
+            yield value
+
+    sock = _SlowSocket(1000, events)
+    send_buffers(sock, made())  # type: ignore[arg-type]
+    assert bytes(sock.data) == b"".join(values)
+    # never more than ~3000 bytes made ahead of what was sent: makes and sends interleave
+    assert events[:4] == ["make"] * 3 + ["send"] and events.count("make") == 12
+    made_ahead = 0
+    for event in events:
+        made_ahead += 1000 if event == "make" else -1000
+        assert made_ahead <= 3000
 
 
 def test_reader_parses_resp2_and_resp3_replies_into_the_arena() -> None:
