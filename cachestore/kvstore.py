@@ -50,10 +50,11 @@ keeps a 1984-token cached prefix on whole blocks (124 x 16); 128 would not."""
 DEFAULT_BATCH_BYTES = 32 * 1024 * 1024
 
 Sink = Callable[[int, memoryview], None]
-Land = Callable[[int], "memoryview | None"]
-"""Where block ``i``'s payload may be received (``fetch_prefix``), or None: the arena."""
 """Receives ``(block index, verified payload)``; the view is valid only during the call.
 An exception from the sink ends the fetch and propagates to ``fetch_prefix``'s caller."""
+
+Land = Callable[[int], "memoryview | None"]
+"""Where block ``i``'s payload may be received (``fetch_prefix``), or None: the arena."""
 
 
 class PrefixCache:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cachestore.arena import Arena, LandingArena
@@ -36,12 +36,13 @@ Route = list[tuple[Any, list[int]]]
 """(redis-py connection pool, indices of the commands for that node) per node."""
 
 
-def run_pipeline(route: Route, commands: Sequence[Sequence[Buffer]], on_reply: OnReply,
+def run_pipeline(route: Route, commands: Sequence[Iterable[Buffer]], on_reply: OnReply,
                  arena: Arena | LandingArena | None, deadline: float, socket_timeout: float,
                  max_bulk: int | None = None, ahead: int | None = None) -> None:
     """Send ``commands`` over the pools in ``route`` and hand over replies in order
     (bulk replies over ``max_bulk`` bytes arrive as ``TooLarge``); with ``ahead``, at
-    most that many commands are unanswered at a time."""
+    most that many commands are unanswered at a time. Each command's buffers are iterated
+    once, only as it is sent (a generator may make them then)."""
     leased: list[tuple[Any, Any]] = []
     try:
         readers = []
@@ -68,7 +69,7 @@ def run_pipeline(route: Route, commands: Sequence[Sequence[Buffer]], on_reply: O
 class _Sender:
     """Writes the commands of ``route`` up to a command index, each node's in its order."""
 
-    def __init__(self, route: Route, socks: list[Any], commands: Sequence[Sequence[Buffer]]
+    def __init__(self, route: Route, socks: list[Any], commands: Sequence[Iterable[Buffer]]
                  ) -> None:
         self._route, self._socks, self._commands = route, socks, commands
         self._next = [0] * len(route)  # per node: position in its indices of the next to send

@@ -16,9 +16,9 @@ misses. After a connection failure or timeout, calls return misses at once for
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.exceptions import AuthenticationError, AuthorizationError, RedisClusterException
@@ -147,12 +147,14 @@ class RedisBlockStore:
         keys = _encode([key for key, _ in items])
         ttl = ttl_s or self.config.ttl_s
 
-        def command(index: int) -> list[Buffer]:
+        def command(index: int) -> Iterator[Buffer]:
+            # runs when the pipeline comes to send it (``send_buffers`` takes buffers a few
+            # MB ahead of the socket): a deferred value is encoded while earlier ones are sent
             parts = parts_of(items[index])
             sizes[index] = sum(memoryview(p).nbytes for p in parts)
-            return pack_set(keys[index], parts, ttl)
+            yield from pack_set(keys[index], parts, ttl)
 
-        self._call("put", keys, _Deferred(command, len(items)), on_reply)
+        self._call("put", keys, [command(i) for i in range(len(items))], on_reply)
         self.stats.add("blocks_written", len(written))
         self.stats.add("bytes_written", sum(written))
         return len(written)
@@ -183,7 +185,7 @@ class RedisBlockStore:
                    arena, max_bulk, ahead)
         self.stats.add("bytes_read", received)
 
-    def _call(self, op: str, keys: Sequence[bytes], commands: Sequence[Sequence[Buffer]],
+    def _call(self, op: str, keys: Sequence[bytes], commands: Sequence[Iterable[Buffer]],
               on_reply: OnReply, arena: Arena | LandingArena | None = None,
               max_bulk: int | None = None, ahead: int | None = None) -> None:
         if not commands:
@@ -220,29 +222,6 @@ class RedisBlockStore:
             self.stats.error(error.kind, f"{op}: {error.message}")
         if any(e.kind in ("moved", "ask") for e in errors):
             self._router.reset()
-
-
-class _Deferred(Sequence[list["Buffer"]]):
-    """Commands made as the pipeline comes to send them (``send_buffers`` takes them a
-    few MB at a time), each once: a value's encoding overlaps the sending of the ones
-    before it."""
-
-    def __init__(self, make: Callable[[int], list[Buffer]], count: int) -> None:
-        self._make, self._count = make, count
-
-    def __len__(self) -> int:
-        return self._count
-
-    @overload
-    def __getitem__(self, index: int) -> list[Buffer]: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[list[Buffer]]: ...
-
-    def __getitem__(self, index: int | slice) -> list[Buffer] | Sequence[list[Buffer]]:
-        if isinstance(index, slice):
-            raise TypeError("deferred commands are taken one at a time")
-        return self._make(index)
 
 
 def _encode(keys: Sequence[str]) -> list[bytes]:

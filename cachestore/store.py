@@ -33,6 +33,7 @@ def parts_of(item: PutItem) -> Parts:
     parts = item[1]
     return parts() if callable(parts) else parts
 
+
 Visit = Callable[[int, "memoryview | Landed | None"], bool]
 """Receives ``(key index, value or None)`` in key order; returns False to stop. A value
 read through a ``LandingArena`` arrives as ``Landed`` (header and payload apart)."""

@@ -11,8 +11,9 @@ A few or many rows ``x`` (M, in) can be multiplied four ways, and a single row a
   instruction set the CPU reports, on a copy of the weight reordered once into oneDNN's
   blocked layout (``_reorder_linear_weight``, as PyTorch's compiler does when it freezes a
   model). Handed a plain weight, oneDNN brings it into that layout on every call (most
-  likely the whole difference): on a 2-core AMD EPYC with AVX-512 the packed copy made 30 layers' projections at 16 rows 24-34 ms instead of
-  33-42 ms, and the 49152-row LM head 6.4 ms instead of 9.7 ms. The copy costs memory (the
+  likely the whole difference): on a 2-core AMD EPYC with AVX-512 the packed copy made 30
+  layers' projections at 16 rows 24-34 ms instead of 33-42 ms, and the 49152-row LM head
+  6.4 ms instead of 9.7 ms. The copy costs memory (the
   weight's size again, for each weight whose shape uses this form for some row count:
   ``prepare`` packs those and drops the rest);
 * ``split``: the output columns cut into one slice per thread, multiplied as one batched
@@ -336,7 +337,8 @@ def plan_key(jobs: Sequence[Job]) -> str:
     cases = [[[list(g[0].shape), str(g[0].dtype), g[0].device.type] for g in groups if g]
              + [list(rows)] for groups, rows in jobs]
     what = [cpu_gemv.cpu_identity(), os.cpu_count(), torch.get_num_threads(), torch.__version__,
-            _ONEDNN is not None, cpu_gemv.kernel() is not None, FORMS, TIMING_VERSION, TIMED_WEIGHTS, LARGE_WEIGHTS, MIN_GAIN, cases]
+            _ONEDNN is not None, cpu_gemv.kernel() is not None, FORMS, TIMING_VERSION,
+            TIMED_WEIGHTS, LARGE_WEIGHTS, MIN_GAIN, cases]
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:24]
 
 
