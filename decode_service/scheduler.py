@@ -30,6 +30,7 @@ from cachestore.hashing import BlockHash
 from engine.engine import LLMEngine, StepOutput
 from engine.kv import OutOfBlocks
 from engine.sequence import Sequence
+from kvrelay.serving.gate import ComputeGate, NoGate
 from kvrelay.serving.kvblocks import export_blocks, used_blocks
 from kvrelay.serving.metrics import WorkerMetrics
 
@@ -64,8 +65,10 @@ class Admitted:
 class BatchScheduler:
     """Runs ``engine`` on one thread; ``publish`` gets blocks computed by local prefill."""
 
-    def __init__(self, engine: LLMEngine, metrics: WorkerMetrics, publish: Publish | None) -> None:
+    def __init__(self, engine: LLMEngine, metrics: WorkerMetrics, publish: Publish | None,
+                 gate: ComputeGate | NoGate | None = None) -> None:
         self.engine = engine
+        self._gate = gate or NoGate()
         self._metrics = metrics
         self._publish = publish
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -220,7 +223,8 @@ class BatchScheduler:
         self._metrics.kv_kept.set(runner.allocator.num_retained)
 
     def _step(self) -> None:
-        outputs: list[StepOutput] = self.engine.step()
+        with self._gate.turn():  # a step is one forward pass (kvrelay.serving.gate)
+            outputs: list[StepOutput] = self.engine.step()
         self._pool_gauges()
         deliveries: list[tuple[asyncio.Queue[Any], StepOutput]] = []
         for out in outputs:

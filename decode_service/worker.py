@@ -58,7 +58,7 @@ class DecodeWorker:
         self.config = config
         publishes = bool(config.redis_url) and config.publish_local_blocks
         self.scheduler = scheduler = BatchScheduler(
-            engine, runtime.metrics, self.publish if publishes else None)
+            engine, runtime.metrics, self.publish if publishes else None, runtime.gate)
         self.prefill_client = prefill
         self._leaders = PrefixLeaders()
         self.active = 0

@@ -100,13 +100,14 @@ class PassBatcher:
         if again:
             self._rt.compute.submit(self._run, loop)
         runner = self._rt.runner
-        try:
-            results: list[int | BaseException] = list(prefill_full_blocks_batch(
-                runner, [(seq, n) for seq, n, _ in batch]))
-        except OutOfBlocks:
-            results = [self._alone(seq, n) for seq, n, _ in batch]
-        except Exception as exc:  # noqa: BLE001 - every caller in the batch gets it
-            results = [exc] * len(batch)
+        with self._rt.gate.turn():  # one forward pass (kvrelay.serving.gate)
+            try:
+                results: list[int | BaseException] = list(prefill_full_blocks_batch(
+                    runner, [(seq, n) for seq, n, _ in batch]))
+            except OutOfBlocks:
+                results = [self._alone(seq, n) for seq, n, _ in batch]
+            except Exception as exc:  # noqa: BLE001 - every caller in the batch gets it
+                results = [exc] * len(batch)
         for (_, _, done), result in zip(batch, results):
             loop.call_soon_threadsafe(_settle, done, result)
 
@@ -267,6 +268,10 @@ class PrefillWorker:
         except OutOfBlocks as exc:
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "KV pool is full") from exc
 
+    def _warm_pass(self, seq: Sequence) -> None:
+        with self.runtime.gate.turn():
+            prefill_full_blocks(self.runtime.runner, seq, 1)
+
     def _release(self, seq: Sequence) -> None:
         """Free ``seq``'s blocks (the allocator is thread-safe; nothing else uses them)."""
         runner = self.runtime.runner
@@ -285,7 +290,7 @@ class PrefillWorker:
         """One block's prefill on the compute thread, so the first call pays no warm-up."""
         seq = Sequence("warm-up", [1] * self.runtime.spec.block_size)
         try:
-            await self._on_compute(prefill_full_blocks, self.runtime.runner, seq, 1)
+            await self._on_compute(self._warm_pass, seq)
         finally:
             await self._on_compute(self._release, seq)
 

@@ -73,6 +73,12 @@ class WorkerMetrics:
                                        "prompt tokens whose K/V this worker computed", registry=r)
         self.published_blocks = Counter("kvrelay_published_blocks",
                                         "blocks this worker wrote to the store", registry=r)
+        self.gate_wait = Counter("kvrelay_compute_gate_wait_seconds",
+                                 "seconds forward passes waited for the compute gate "
+                                 "(another worker on these cores was computing)", registry=r)
+        self.gate_bypasses = Counter("kvrelay_compute_gate_bypasses",
+                                     "waits for the compute gate given up (it was held too "
+                                     "long): passes ran without it", registry=r)
         self.running = Gauge("kvrelay_running_requests", "requests in the running batch", registry=r)
         self.waiting = Gauge("kvrelay_waiting_requests", "requests admitted, not yet running",
                              registry=r)

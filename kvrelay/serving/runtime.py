@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -34,6 +34,7 @@ from cachestore.redis_store import RedisBlockStore
 from cachestore.store import BlockStore, NullBlockStore
 from engine.loader import LoadedModel, default_model_path, load_model
 from engine.runner import ModelRunner
+from kvrelay.serving.gate import ComputeGate, NoGate, open_gate
 from kvrelay.serving.metrics import WorkerMetrics
 from kvrelay.serving.worker_config import WorkerConfig
 
@@ -142,6 +143,9 @@ class Runtime:
     """The worker's compute thread (``ComputeThread``), which loaded the model."""
     store_io: ThreadPoolExecutor
     metrics: WorkerMetrics
+    gate: ComputeGate | NoGate = field(default_factory=NoGate)
+    """Turns at the cores shared with other workers, taken around every forward pass
+    (``kvrelay.serving.gate``; off unless ``compute_gate`` names a file)."""
 
     @property
     def spec(self) -> BlockSpec:
@@ -159,6 +163,7 @@ class Runtime:
         self.compute.shutdown(wait=False, cancel_futures=True)
         self.store_io.shutdown(wait=False, cancel_futures=True)
         self.cache.store.close()
+        self.gate.close()
 
 
 async def start_runtime(config: WorkerConfig, metrics: WorkerMetrics) -> Runtime:
@@ -190,5 +195,8 @@ def build_runtime(config: WorkerConfig, metrics: WorkerMetrics,
     metrics.kv_total.set(config.num_blocks)
     log.info("model loaded", extra={"model": loaded.name, "fingerprint": cache.spec.fingerprint,
                                     "seconds": round(time.monotonic() - started, 2)})
+    gate = open_gate(config.compute_gate, config.compute_gate_wait_s,
+                     metrics.gate_wait.inc, metrics.gate_bypasses.inc)
     return Runtime(loaded, runner, cache, compute or ComputeThread(),
-                   ThreadPoolExecutor(config.store_threads, thread_name_prefix="store"), metrics)
+                   ThreadPoolExecutor(config.store_threads, thread_name_prefix="store"), metrics,
+                   gate)

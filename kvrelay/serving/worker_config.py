@@ -57,6 +57,13 @@ class WorkerConfig:
     tls_client_ca_file: str = setting("", "PEM CA bundle: require client certificates (mTLS)")
     api_keys_file: str = setting("", "file of '<tenant> <key>' lines: callers must send "
                                      "'authorization: Bearer <key>' (empty: no API keys)")
+    compute_gate: str = setting("", "a file every worker on these cores names: their forward "
+                                    "passes take turns instead of running at once "
+                                    "(kvrelay.serving.gate; empty: off, for workers with cores "
+                                    "of their own)")
+    compute_gate_wait_s: float = setting(5.0, "longest wait for the compute gate before a pass "
+                                              "runs without it (a stopped or hung worker "
+                                              "holding it)")
     allow_plaintext: bool = setting(False, "serve plaintext gRPC on a non-loopback host (only "
                                            "behind a trusted network, e.g. inside a cluster)")
 
@@ -66,6 +73,8 @@ class WorkerConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
 
+        if self.compute_gate_wait_s <= 0:
+            raise ValueError("compute_gate_wait_s must be positive")
         if self.switch_interval_s <= 0 or self.torch_threads < 0:
             raise ValueError("switch_interval_s must be positive and torch_threads >= 0")
         if self.kv_wire_dtype not in KV_WIRE_DTYPES:

@@ -1,0 +1,156 @@
+"""A compute gate: workers that share one machine's cores take turns at forward passes.
+
+A prefill worker and a decode worker on the same cores (``kvrelay up``, the benchmark's
+local cluster, a single-node deployment) each run torch with one OpenMP thread per core.
+When both compute at once, every parallel region of one is preempted by the other's
+threads and waits at its barrier for a thread that is not running: on a 2-core Xeon three
+concurrent 544-token prompts, batched into one prefill pass, took ~3 s in the prefill
+worker while the decode worker stepped another request, against ~1.5 s for the same pass
+alone. The cores are better used one worker at a time, each with all of them, the way
+kernels of two processes take turns on one GPU.
+
+``ComputeGate`` is that turn-taking: an exclusive ``flock`` on a file every co-located
+worker names (``--compute-gate``), taken around each forward pass. Two locks make it
+fair: a worker first takes the *turnstile*, then the gate, and lets the turnstile go
+once it holds the gate. A worker that finishes a pass and wants the next one therefore
+queues behind a worker already waiting for the gate instead of taking it straight back
+(with a single lock, a decode loop that re-locks at once can keep the gate for as long as
+it has work). ``flock`` locks go with the process: a worker that dies, however it dies,
+holds nothing.
+
+A stopped or hung worker could hold the gate for ever, so a wait is bounded: after
+``max_wait_s`` a worker computes without it (counted, logged once) and keeps doing so,
+without waiting again, until the gate is free once more. Nothing is ever blocked for good;
+a bypass only costs what sharing the cores costs without a gate.
+
+Off (no path) the gate does nothing. Workers with cores of their own (separate machines,
+containers with CPU limits, one GPU each) should leave it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+log = logging.getLogger("kvrelay.gate")
+
+POLL_S = 0.0005
+"""How often a waiting worker tries the lock again (a non-blocking ``flock`` each time,
+so that the wait can be bounded); the most a handover adds to a pass."""
+
+
+class ComputeGate:
+    """Exclusive turns at the cores between processes that open the same ``path``."""
+
+    def __init__(self, path: str, max_wait_s: float = 5.0,
+                 on_wait: Callable[[float], None] | None = None,
+                 on_bypass: Callable[[], None] | None = None) -> None:
+        if max_wait_s <= 0:
+            raise ValueError("max_wait_s must be positive")
+        self.path = path
+        self.max_wait_s = max_wait_s
+        self._on_wait = on_wait
+        self._on_bypass = on_bypass
+        self._lock = threading.Lock()  # one pass at a time within this process too
+        self._gate = _open(path)
+        self._turnstile = _open(path + ".turnstile")
+        self._bypassing = False
+        self.waited_s = 0.0
+        """Seconds this process has spent waiting for its turn (for metrics and tests)."""
+        self.turns = 0
+        self.bypasses = 0
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[bool]:
+        """Hold the gate for the block; yields whether it is held (False: bypassed)."""
+        with self._lock:
+            held = self._acquire()
+            try:
+                yield held
+            finally:
+                if held:
+                    fcntl.flock(self._gate, fcntl.LOCK_UN)
+
+    def _acquire(self) -> bool:
+        started = time.monotonic()
+        if self._bypassing:
+            # Bypassing until the gate is free again: one try, never a wait.
+            if not _try(self._gate):
+                return False
+            self._bypassing = False
+            log.warning("compute gate free again: taking turns", extra={"gate": self.path})
+            self.turns += 1
+            return True
+        deadline = started + self.max_wait_s
+        if not self._wait(self._turnstile, deadline):
+            return self._bypass()
+        try:
+            if not self._wait(self._gate, deadline):
+                return self._bypass()
+        finally:
+            fcntl.flock(self._turnstile, fcntl.LOCK_UN)
+        waited = time.monotonic() - started
+        self.waited_s += waited
+        if self._on_wait is not None:
+            self._on_wait(waited)
+        self.turns += 1
+        return True
+
+    @staticmethod
+    def _wait(fd: int, deadline: float) -> bool:
+        while not _try(fd):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(POLL_S)
+        return True
+
+    def _bypass(self) -> bool:
+        self._bypassing = True
+        self.bypasses += 1
+        log.warning("compute gate held for over %.1f s by another worker: computing without "
+                    "it until it is free", self.max_wait_s, extra={"gate": self.path})
+        if self._on_bypass is not None:
+            self._on_bypass()
+        return False
+
+    def close(self) -> None:
+        with self._lock:
+            os.close(self._gate)
+            os.close(self._turnstile)
+
+
+class NoGate:
+    """The gate switched off: every turn is taken at once."""
+
+    path = ""
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[bool]:
+        yield True
+
+    def close(self) -> None:
+        pass
+
+
+def open_gate(path: str, max_wait_s: float = 5.0,
+              on_wait: Callable[[float], None] | None = None,
+              on_bypass: Callable[[], None] | None = None) -> ComputeGate | NoGate:
+    """A ``ComputeGate`` on ``path``, or ``NoGate`` when ``path`` is empty."""
+    return ComputeGate(path, max_wait_s, on_wait, on_bypass) if path else NoGate()
+
+
+def _open(path: str) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def _try(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
