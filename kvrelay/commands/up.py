@@ -19,6 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use this Redis instead of starting a redis-server")
     parser.add_argument("--redis-maxmemory", default="512mb", help="maxmemory of the started redis")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait per worker")
+    parser.add_argument("--no-compute-gate", action="store_true",
+                        help="let the two workers compute at once instead of taking turns at "
+                             "forward passes (they share this machine's cores; the gate is "
+                             "faster there: docs/performance.md)")
 
 
 def resolve_model(model: str | None) -> str:
@@ -29,6 +33,13 @@ def resolve_model(model: str | None) -> str:
     from engine.loader import default_model_path  # heavy (torch); only when needed
 
     return default_model_path()
+
+
+def cluster_spec(args: argparse.Namespace, model: str) -> ClusterSpec:
+    """What ``kvrelay up`` starts, from its flags."""
+    return ClusterSpec(model=model, decode_port=args.port, prefill_port=args.prefill_port,
+                       redis_url=args.redis_url, redis_maxmemory=args.redis_maxmemory,
+                       ready_timeout_s=args.ready_timeout, compute_gate=not args.no_compute_gate)
 
 
 def print_endpoints(ep: Endpoints) -> None:
@@ -50,9 +61,7 @@ def _wait(cluster: LocalCluster) -> None:
 
 def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the cluster like Ctrl-C
-    spec = ClusterSpec(model=resolve_model(args.model), decode_port=args.port,
-                       prefill_port=args.prefill_port, redis_url=args.redis_url,
-                       redis_maxmemory=args.redis_maxmemory, ready_timeout_s=args.ready_timeout)
+    spec = cluster_spec(args, resolve_model(args.model))
     cluster = LocalCluster(spec, progress=lambda line: print(line, flush=True))
     try:
         with cluster:

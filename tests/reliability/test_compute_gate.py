@@ -5,6 +5,7 @@ it or hangs it."""
 
 from __future__ import annotations
 
+import argparse
 import signal
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from kvrelay.cluster import ClusterSpec, LocalCluster
+from kvrelay.commands import up
 from tests.reliability.conftest import Reference, Spawned, generate, request, spawn
 from tests.services.test_compute_gate import hold_in_child
 from tests.support.redis_server import RedisServer
@@ -87,3 +89,10 @@ def test_the_local_cluster_gives_its_workers_one_gate(tmp_path: Path,
     assert env["GOMP_SPINCOUNT"] == str(ClusterSpec(model="m").omp_spin_count)
     env = LocalCluster(ClusterSpec(model="m", compute_gate=False), tmp_path / "x").child_env()
     assert "KVRELAY_COMPUTE_GATE" not in env or env["KVRELAY_COMPUTE_GATE"] == ""
+
+
+def test_kvrelay_up_takes_turns_unless_told_not_to() -> None:
+    parser = argparse.ArgumentParser()
+    up.add_arguments(parser)
+    assert up.cluster_spec(parser.parse_args([]), "m").compute_gate
+    assert not up.cluster_spec(parser.parse_args(["--no-compute-gate"]), "m").compute_gate
