@@ -72,9 +72,9 @@ class ClusterSpec:
     compute_gate: bool = True
     """Both workers take turns at forward passes through a gate file in the log folder
     (``kvrelay.serving.gate``) unless the environment names one (``KVRELAY_COMPUTE_GATE``;
-    empty: off). 2-core Xeon, ``bench.serve`` defaults: without the gate (3000 spins)
-    74.7 output tok/s, 0.100 s median inter-token latency; with it and the default spin
-    93.8-95.5 tok/s, 0.075-0.079 s."""
+    empty: off). 2-core Xeon, ``bench.serve`` defaults, the same code: without the gate
+    (3000 spins) 66.8 output tok/s, 0.109 s median inter-token latency; with it and the
+    default spin 87.6-94.3 tok/s, 0.078-0.084 s (three runs)."""
 
 
 @dataclass(frozen=True)
@@ -106,12 +106,12 @@ def worker_command(role: str, *, model: str, port: int, metrics_port: int, redis
 def worker_env(omp_spin_count: int | None, compute_gate: str = "") -> dict[str, str]:
     """This process's environment for a co-located worker: with ``GOMP_SPINCOUNT`` set to
     ``omp_spin_count`` unless the environment already chooses a spin or wait policy, and
-    ``KVRELAY_COMPUTE_GATE`` set to ``compute_gate`` unless the environment sets it."""
+    ``KVRELAY_COMPUTE_GATE`` set to ``compute_gate`` when that is not empty."""
     env = dict(os.environ)
     if omp_spin_count is not None and not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & env.keys():
         env["GOMP_SPINCOUNT"] = str(omp_spin_count)
     if compute_gate:
-        env.setdefault("KVRELAY_COMPUTE_GATE", compute_gate)
+        env["KVRELAY_COMPUTE_GATE"] = compute_gate
     return env
 
 

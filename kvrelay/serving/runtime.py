@@ -163,7 +163,8 @@ class Runtime:
         self.compute.shutdown(wait=False, cancel_futures=True)
         self.store_io.shutdown(wait=False, cancel_futures=True)
         self.cache.store.close()
-        self.gate.close()
+        # The gate stays open: the compute thread may be inside a turn, and closing its
+        # files then would wait for that pass; the process's exit releases the lock.
 
 
 async def start_runtime(config: WorkerConfig, metrics: WorkerMetrics) -> Runtime:
