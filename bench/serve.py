@@ -460,7 +460,10 @@ def report(args: argparse.Namespace, w: Workload, loaded: Any, num_blocks: int,
             "workload": asdict(w), "kv_pool_blocks": num_blocks, "block_size": BLOCK_SIZE,
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
             "requests": [{"group": r.group, "index": r.index, "ttft_s": r.ttft,
-                          "cached_tokens": r.cached_tokens, "prompt_tokens": r.prompt_tokens}
+                          "cached_tokens": r.cached_tokens, "prompt_tokens": r.prompt_tokens,
+                          "sent_s": r.sent - store["start"],
+                          "itl_max_s": max(r.itls, default=0.0),
+                          "token_times_s": [round(t - store["start"], 4) for t in r.token_times]}
                          for r in results],
             "_runs": {"store": (results, store["start"]),
                       **({"no store": (no_store["results"], no_store["start"])} if no_store else {})}}

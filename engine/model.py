@@ -11,6 +11,7 @@ machine for the row count (``projection_groups`` hands it the weights to measure
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -221,11 +222,18 @@ class LlamaForCausalLM(nn.Module):
                 for name in ("gate_up_weight", "down_weight")]
 
     def forward(self, input_ids: torch.Tensor, rope: Rope, kv: torch.Tensor | None,
-                meta: AttentionMetadata | MixedMetadata) -> torch.Tensor:
-        """input_ids (B, T) -> normed hidden states (B, T, D); ``kv`` is the pool tensor or None."""
+                meta: AttentionMetadata | MixedMetadata,
+                between_layers: Callable[[], None] | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> normed hidden states (B, T, D); ``kv`` is the pool tensor or None.
+
+        ``between_layers`` is called after every decoder layer but the last (a worker that
+        shares its cores hands them over there, ``ModelRunner.between_layers``)."""
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
             x = layer(x, rope, None if kv is None else kv[:, i], meta)
+            if between_layers is not None and i < last:
+                between_layers()
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ kept: every pass recomputes each sequence from its first token (the fidelity ref
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -83,6 +84,10 @@ class ModelRunner:
                          config.head_dim, dtype=self.dtype, device=self.device) if use_cache else None
         self.rope = RotaryTable(config, self.device)
         self.scale = config.head_dim ** -0.5
+        self.between_layers: Callable[[], None] | None = None
+        """Called between the decoder layers of every forward pass (None: nothing). A worker
+        that shares its cores with another hands them over there in the middle of a long
+        pass (``kvrelay.serving.gate.ComputeGate.pause_point``)."""
 
     # -- block bookkeeping -------------------------------------------------------------
 
@@ -190,7 +195,7 @@ class ModelRunner:
         rope = (torch.cat([c.flatten(0, 1) for c in cos])[None],
                 torch.cat([s.flatten(0, 1) for s in sin])[None])  # (1, N, 1, hd) each
         meta = MixedMetadata(tuple((g.meta, g.ids.shape[0], g.ids.shape[1]) for g in groups))
-        hidden = self.model(ids, rope, self._pool().tensor, meta)[0]  # (N, D)
+        hidden = self.model(ids, rope, self._pool().tensor, meta, self.between_layers)[0]  # (N, D)
         last, offset = [], 0
         for g in groups:
             last += [offset + row * g.ids.shape[1] + n - 1 for row, n in enumerate(g.lens)]
@@ -219,7 +224,8 @@ class ModelRunner:
     def _run(self, seqs: Seq[RunnerSequence], starts: list[int]) -> torch.Tensor:
         p = self._prepare(seqs, starts)
         hidden = self.model(p.ids, self.rope.lookup(p.positions, self.dtype),
-                            None if self.kv is None else self.kv.tensor, p.meta)  # (B, T, D)
+                            None if self.kv is None else self.kv.tensor, p.meta,
+                            self.between_layers)  # (B, T, D)
         last = torch.tensor(p.lens, device=self.device) - 1
         logits = self.model.logits(hidden[torch.arange(len(seqs), device=self.device), last])
         for seq in seqs:

@@ -18,6 +18,14 @@ queues behind a worker already waiting for the gate instead of taking it straigh
 it has work). ``flock`` locks go with the process: a worker that dies, however it dies,
 holds nothing.
 
+A turn is one forward pass, but a long pass does not keep the cores to itself: between
+its decoder layers (``ModelRunner.between_layers``) a worker that has held the gate for
+``slice_s`` and sees another one waiting (the turnstile is taken) lets the gate go, waits
+its turn like any other worker, and goes on with the next layer (``pause_point``). A decode
+step then waits for at most a slice and a layer of a prefill pass, not the whole pass
+(seconds for a batch of long prompts), which is what bounds the running requests'
+inter-token latency; passes shorter than a slice (decode steps) are never cut.
+
 A stopped or hung worker could hold the gate for ever, so a wait is bounded: after
 ``max_wait_s`` a worker computes without it (counted, logged once) and keeps doing so,
 without waiting again, until the gate is free once more. Nothing is ever blocked for good;
@@ -49,30 +57,66 @@ class ComputeGate:
 
     def __init__(self, path: str, max_wait_s: float = 5.0,
                  on_wait: Callable[[float], None] | None = None,
-                 on_bypass: Callable[[], None] | None = None) -> None:
+                 on_bypass: Callable[[], None] | None = None,
+                 slice_s: float = 0.5, on_pause: Callable[[], None] | None = None) -> None:
         if max_wait_s <= 0:
             raise ValueError("max_wait_s must be positive")
+        if slice_s < 0:
+            raise ValueError("slice_s must be >= 0 (0: passes are never cut)")
         self.path = path
         self.max_wait_s = max_wait_s
+        self.slice_s = slice_s
         self._on_wait = on_wait
         self._on_bypass = on_bypass
+        self._on_pause = on_pause
         self._lock = threading.Lock()  # one pass at a time within this process too
         self._gate = _open(path)
         self._turnstile = _open(path + ".turnstile")
         self._bypassing = False
+        self._held = False  # by the pass now in its turn, on thread _owner
+        self._held_since = 0.0
+        self._owner = 0
         self.turns = 0
         self.bypasses = 0
+        self.pauses = 0
 
     @contextlib.contextmanager
     def turn(self) -> Iterator[bool]:
-        """Hold the gate for the block; yields whether it is held (False: bypassed)."""
+        """Hold the gate for the block; yields whether it is held at the start (False:
+        bypassed). ``pause_point`` may let it go and take it again inside the block."""
         with self._lock:
-            held = self._acquire()
+            self._owner = threading.get_ident()
+            self._take()
             try:
-                yield held
+                yield self._held
             finally:
-                if held:
+                self._owner = 0
+                if self._held:
+                    self._held = False
                     fcntl.flock(self._gate, fcntl.LOCK_UN)
+
+    def pause_point(self) -> None:
+        """Inside a turn, between two layers of a pass: when this turn has held the gate
+        for ``slice_s`` and another worker waits for it, let that worker have its turn,
+        then take the gate back (a wait bounded like any other) before going on. Only the
+        thread in the turn calls this; it does nothing outside one or with ``slice_s`` 0."""
+        if not self._held or not self.slice_s or threading.get_ident() != self._owner:
+            return
+        if time.monotonic() - self._held_since < self.slice_s:
+            return
+        if _try(self._turnstile):  # nobody is waiting for the gate
+            fcntl.flock(self._turnstile, fcntl.LOCK_UN)
+            return
+        self._held = False
+        fcntl.flock(self._gate, fcntl.LOCK_UN)
+        self.pauses += 1
+        if self._on_pause is not None:
+            self._on_pause()
+        self._take()
+
+    def _take(self) -> None:
+        self._held = self._acquire()
+        self._held_since = time.monotonic()
 
     def _acquire(self) -> bool:
         started = time.monotonic()
@@ -129,15 +173,22 @@ class NoGate:
     def turn(self) -> Iterator[bool]:
         yield True
 
+    def pause_point(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
 
 def open_gate(path: str, max_wait_s: float = 5.0,
               on_wait: Callable[[float], None] | None = None,
-              on_bypass: Callable[[], None] | None = None) -> ComputeGate | NoGate:
+              on_bypass: Callable[[], None] | None = None,
+              slice_s: float = 0.5,
+              on_pause: Callable[[], None] | None = None) -> ComputeGate | NoGate:
     """A ``ComputeGate`` on ``path``, or ``NoGate`` when ``path`` is empty."""
-    return ComputeGate(path, max_wait_s, on_wait, on_bypass) if path else NoGate()
+    if not path:
+        return NoGate()
+    return ComputeGate(path, max_wait_s, on_wait, on_bypass, slice_s, on_pause)
 
 
 def _open(path: str) -> int:

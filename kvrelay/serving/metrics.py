@@ -79,6 +79,9 @@ class WorkerMetrics:
         self.gate_bypasses = Counter("kvrelay_compute_gate_bypasses",
                                      "waits for the compute gate given up (it was held too "
                                      "long): passes ran without it", registry=r)
+        self.gate_pauses = Counter("kvrelay_compute_gate_pauses",
+                                   "long forward passes that let another worker compute "
+                                   "between two of their layers", registry=r)
         self.running = Gauge("kvrelay_running_requests", "requests in the running batch", registry=r)
         self.waiting = Gauge("kvrelay_waiting_requests", "requests admitted, not yet running",
                              registry=r)

@@ -197,7 +197,10 @@ def build_runtime(config: WorkerConfig, metrics: WorkerMetrics,
     log.info("model loaded", extra={"model": loaded.name, "fingerprint": cache.spec.fingerprint,
                                     "seconds": round(time.monotonic() - started, 2)})
     gate = open_gate(config.compute_gate, config.compute_gate_wait_s,
-                     metrics.gate_wait.inc, metrics.gate_bypasses.inc)
+                     metrics.gate_wait.inc, metrics.gate_bypasses.inc,
+                     config.compute_gate_slice_s, metrics.gate_pauses.inc)
+    if isinstance(gate, ComputeGate) and gate.slice_s:
+        runner.between_layers = gate.pause_point
     return Runtime(loaded, runner, cache, compute or ComputeThread(),
                    ThreadPoolExecutor(config.store_threads, thread_name_prefix="store"), metrics,
                    gate)

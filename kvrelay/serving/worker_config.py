@@ -64,6 +64,10 @@ class WorkerConfig:
     compute_gate_wait_s: float = setting(5.0, "longest wait for the compute gate before a pass "
                                               "runs without it (a stopped or hung worker "
                                               "holding it)")
+    compute_gate_slice_s: float = setting(0.5, "a forward pass that has held the compute "
+                                               "gate this long lets a waiting worker compute "
+                                               "between two of its layers (0: passes are "
+                                               "never cut)")
     allow_plaintext: bool = setting(False, "serve plaintext gRPC on a non-loopback host (only "
                                            "behind a trusted network, e.g. inside a cluster)")
 
@@ -75,6 +79,8 @@ class WorkerConfig:
 
         if self.compute_gate_wait_s <= 0:
             raise ValueError("compute_gate_wait_s must be positive")
+        if self.compute_gate_slice_s < 0:
+            raise ValueError("compute_gate_slice_s must be >= 0")
         if self.switch_interval_s <= 0 or self.torch_threads < 0:
             raise ValueError("switch_interval_s must be positive and torch_threads >= 0")
         if self.kv_wire_dtype not in KV_WIRE_DTYPES:

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,8 +49,22 @@ def _command(service: str, ports: dict[str, int]) -> list[str]:
     return [sys.executable, "-m", "kvrelay", *(_local(a, ports) for a in SERVICES[service]["command"])]
 
 
-def _environment(service: str, ports: dict[str, int], model: Path) -> dict[str, str]:
+def _named_volumes(service: str, root: Path) -> dict[str, Path]:
+    """The service's named-volume mounts (container path -> a folder under ``root``, one per
+    volume, so that services mounting the same volume share the folder)."""
+    mounts = {}
+    for entry in SERVICES[service].get("volumes", []):
+        source, target = entry.split(":")[:2]
+        if source in COMPOSE.get("volumes", {}):
+            mounts[target] = root / source
+            mounts[target].mkdir(exist_ok=True)
+    return mounts
+
+
+def _environment(service: str, ports: dict[str, int], model: Path, root: Path) -> dict[str, str]:
     env = {k: _local(str(v), ports) for k, v in SERVICES[service]["environment"].items()}
+    for target, folder in _named_volumes(service, root).items():
+        env = {k: v.replace(target, str(folder)) for k, v in env.items()}
     return {**os.environ, **env, "KVRELAY_MODEL": str(model)}
 
 
@@ -85,7 +100,8 @@ def compose_cluster(tiny_model_dir: Path, tmp_path: Path) -> Iterator[dict[str, 
             log = open(tmp_path / f"{service}.log", "wb")  # noqa: SIM115
             procs.append(subprocess.Popen(_command(service, ports), stdout=log,
                                           stderr=subprocess.STDOUT,
-                                          env=_environment(service, ports, tiny_model_dir)))
+                                          env=_environment(service, ports, tiny_model_dir,
+                                                           tmp_path)))
             log.close()
             _wait_healthy(service, procs[-1], ports)
         yield ports
@@ -102,3 +118,22 @@ def test_the_compose_services_serve_a_generate_call(compose_cluster: dict[str, i
     assert reply.usage.completion_tokens == len(reply.token_ids) > 0
     assert reply.usage.prompt_tokens > 0
     assert again.usage.cached_prompt_tokens > 0  # prefill wrote and decode read as ACL users
+
+
+def test_the_compose_workers_share_one_compute_gate(compose_cluster: dict[str, int],
+                                                     tmp_path: Path) -> None:
+    """prefill and decode share the host's cores: both name one gate file on a common named
+    volume, and both opened it (the gate and its turnstile are there); the GPU worker does not."""
+    gates = {s: SERVICES[s]["environment"].get("KVRELAY_COMPUTE_GATE") for s in SERVICES
+             if "environment" in SERVICES[s]}
+    assert gates["prefill"] == gates["decode"] and gates["prefill"]
+    assert gates["decode-gpu"] == ""
+    folder = _named_volumes("prefill", tmp_path)[str(Path(gates["prefill"]).parent)]
+    assert folder == _named_volumes("decode", tmp_path)[str(Path(gates["decode"]).parent)]
+    gate = folder / Path(gates["prefill"]).name
+    assert gate.exists() and gate.with_name(gate.name + ".turnstile").exists()
+    for port in ("9400", "9401"):
+        with urllib.request.urlopen(f"http://127.0.0.1:{compose_cluster[port]}/metrics",
+                                    timeout=10) as reply:
+            text = reply.read().decode()
+        assert "kvrelay_compute_gate_bypasses_total 0.0" in text

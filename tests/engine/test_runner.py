@@ -222,3 +222,23 @@ def test_prefill_and_decode_in_one_pass_match_each_in_a_pass_of_its_own(
     for seq, got in zip([*prefill, *decode], [*prefill_logits, *decode_logits]):
         torch.testing.assert_close(got, _full_prefill_logits(llama_pair, seq.token_ids), **TOL)
         assert seq.num_computed == len(seq.token_ids)
+
+
+def test_between_layers_runs_between_every_two_layers_of_every_pass(llama_pair: ModelPair) -> None:
+    """The hook a worker sharing its cores hands them over in: called once between each two
+    decoder layers of a prefill, a decode and a mixed pass, and the logits do not change."""
+    runner = llama_pair.runner(num_blocks=64, block_size=4)
+    layers = runner.config.num_layers
+    calls: list[int] = []
+    runner.between_layers = lambda: calls.append(1)
+    a, b = prompts(2, seed=51, lengths=(11, 6))
+    first = Sequence("a", a)
+    runner.prefill([first])
+    assert len(calls) == layers - 1
+    first.token_ids.append(3)
+    got = runner.decode([first])[0]
+    assert len(calls) == 2 * (layers - 1)
+    torch.testing.assert_close(got, _full_prefill_logits(llama_pair, first.token_ids), **TOL)
+    first.token_ids.append(4)
+    runner.prefill_and_decode([Sequence("b", b)], [first])
+    assert len(calls) == 3 * (layers - 1)

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import argparse
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -77,6 +80,55 @@ def test_a_stopped_gate_holder_delays_once_and_fails_nothing(
     reply = generate(decode, request(PROMPT + " again", "gate-d", max_new_tokens=4))
     assert len(reply.token_ids) == 4
     assert "compute gate free again" in decode.log()
+
+
+ALWAYS_WAITING = """
+import sys
+from kvrelay.serving.gate import ComputeGate
+gate = ComputeGate(sys.argv[1])
+while True:
+    with gate.turn():
+        pass
+"""
+
+
+def test_passes_cut_between_layers_give_the_monolithic_tokens(
+        redis: RedisServer, tiny_model_dir: Path, log_dir: Path, reference: Reference) -> None:
+    """With a slice so short that a pass is cut whenever another process waits, and a
+    third process that always waits for the gate (so that every pass of both workers is cut
+    between its layers), new prompts computed by prefill while decode steps running requests
+    still give the monolithic tokens."""
+    gate = log_dir / "sliced.gate"
+    flags = ("--compute-gate", str(gate), "--compute-gate-slice-s", "0.000001")
+    prefill = spawn("prefill", tiny_model_dir, redis.url(), log_dir, extra=flags)
+    try:
+        decode = spawn("decode", tiny_model_dir, redis.url(), log_dir, prefill_addr=prefill.addr,
+                       extra=(*flags, "--prefill-threshold-tokens", "16"))
+    except BaseException:
+        prefill.stop()
+        raise
+    waiter = subprocess.Popen([sys.executable, "-c", ALWAYS_WAITING, str(gate)],
+                              cwd=Path(__file__).parents[2])
+    try:
+        prompts = [f"{PROMPT} Request {i} asks about layer {i * 7}." for i in range(8)]
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            futures = []
+            for i, prompt in enumerate(prompts):
+                futures.append(pool.submit(generate, decode,
+                                           request(prompt, f"sliced-{i}", max_new_tokens=24),
+                                           timeout_s=60))
+                time.sleep(0.05)  # new prompts arrive while earlier ones decode
+            replies = [f.result() for f in futures]
+        for prompt, reply in zip(prompts, replies):
+            assert list(reply.token_ids) == reference.greedy(reference.tokenizer.encode(prompt), 24)
+        for worker in (prefill, decode):
+            assert worker.metric("kvrelay_compute_gate_pauses_total") > 0
+            assert worker.metric("kvrelay_compute_gate_bypasses_total") == 0
+    finally:
+        waiter.kill()
+        waiter.wait(10)
+        decode.stop()
+        prefill.stop()
 
 
 def test_the_local_cluster_gives_its_workers_one_gate(tmp_path: Path,

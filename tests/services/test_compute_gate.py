@@ -159,3 +159,99 @@ def test_no_path_is_no_gate(tmp_path: Path) -> None:
     assert isinstance(open_gate(str(tmp_path / "g")), ComputeGate)
     with pytest.raises(ValueError):
         ComputeGate(str(tmp_path / "g"), max_wait_s=0)
+
+
+def _long_pass(gate: ComputeGate, layers: int, log: list[str], inside: list[int],
+               started: threading.Event) -> None:
+    """A pass of ``layers`` 10 ms layers in one turn, with a pause point between them."""
+    with gate.turn() as held:
+        assert held
+        started.set()
+        for i in range(layers):
+            inside.append(1)
+            assert len(inside) == 1  # nobody else inside while this layer runs
+            time.sleep(0.01)
+            log.append(f"layer {i}")
+            inside.pop()
+            if i < layers - 1:
+                gate.pause_point()
+
+
+def _short_turn(gate: ComputeGate, log: list[str], inside: list[int]) -> None:
+    with gate.turn() as held:
+        assert held
+        inside.append(1)
+        assert len(inside) == 1
+        log.append("step")
+        inside.pop()
+
+
+@pytest.mark.parametrize("slice_s", [0.03, 0.0])
+def test_a_long_pass_lets_a_waiting_worker_in_between_its_layers(tmp_path: Path,
+                                                                 slice_s: float) -> None:
+    path = str(tmp_path / "gate")
+    pauses: list[int] = []
+    long = ComputeGate(path, slice_s=slice_s, on_pause=lambda: pauses.append(1))
+    short = ComputeGate(path)  # its own open file: as another process
+    log: list[str] = []
+    inside: list[int] = []
+    started = threading.Event()
+    a = threading.Thread(target=_long_pass, args=(long, 20, log, inside, started))
+    a.start()
+    assert started.wait(10)
+    time.sleep(0.005)  # the step asks for a turn during the pass's first layer
+    _short_turn(short, log, inside)
+    a.join(10)
+    assert len(log) == 21 and not inside
+    if slice_s:
+        # cut once the pass had held the gate for a slice (3 layers of 10 ms), not at once
+        # and not at the end
+        assert 3 <= log.index("step") <= 6, log
+        assert long.pauses == len(pauses) == 1
+    else:
+        assert log[-1] == "step" and long.pauses == 0  # 0: a pass is never cut
+    assert long.turns == 2 if slice_s else long.turns == 1
+    long.close()
+    short.close()
+
+
+def test_a_pass_with_nobody_waiting_keeps_the_gate(tmp_path: Path) -> None:
+    path = str(tmp_path / "gate")
+    gate = ComputeGate(path, slice_s=0.001)
+    with gate.turn():
+        time.sleep(0.005)
+        gate.pause_point()
+        gate.pause_point()
+        # still held: another process cannot take it
+        other = ComputeGate(path, max_wait_s=0.05)
+        with other.turn() as held:
+            assert not held
+        other.close()
+    assert gate.pauses == 0
+    gate.pause_point()  # outside a turn: nothing to hand over
+    assert gate.pauses == 0
+    gate.close()
+
+
+def test_only_the_thread_in_the_turn_can_pause_it(tmp_path: Path) -> None:
+    path = str(tmp_path / "gate")
+    gate = ComputeGate(path, slice_s=0.001)
+    waiter = ComputeGate(path, max_wait_s=2.0)
+    got: list[bool] = []
+
+    def wait_for_a_turn() -> None:
+        with waiter.turn() as held:
+            got.append(held)
+
+    with gate.turn():
+        t = threading.Thread(target=wait_for_a_turn)
+        t.start()
+        time.sleep(0.05)  # the waiter now holds the turnstile
+        other = threading.Thread(target=gate.pause_point)  # another thread of this process
+        other.start()
+        other.join(5)
+        assert gate.pauses == 0 and not got  # not handed over from outside the turn
+    t.join(5)
+    assert got == [True]
+    waiter.close()
+    gate.close()
