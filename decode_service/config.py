@@ -22,6 +22,10 @@ class DecodeConfig(WorkerConfig):
     max_prompt_chars: int = setting(1_000_000, "largest prompt text, in characters")
     max_prompt_tokens: int = setting(0, "most prompt tokens a request may send, after "
                                         "tokenization (0: the model's context window)")
+    prefill_chunk_tokens: int = setting(
+        256, "most prompt tokens one batch step computes while requests are streaming: a "
+             "longer prompt is computed a chunk per step, so running streams never wait for "
+             "a whole long prompt (0: prompts go in whole)")
     publish_local_blocks: bool = setting(
         True, "publish the blocks this worker computed itself (false: read-only store access "
               "is enough; only prefill workers write)")
@@ -39,7 +43,7 @@ class DecodeConfig(WorkerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.max_prompt_tokens < 0:
-            raise ValueError("max_prompt_tokens must be >= 0")
+        if self.max_prompt_tokens < 0 or self.prefill_chunk_tokens < 0:
+            raise ValueError("max_prompt_tokens and prefill_chunk_tokens must be >= 0")
         if self.prefill_threshold_tokens < 1 or self.max_new_tokens_limit < 1:
             raise ValueError("prefill_threshold_tokens and max_new_tokens_limit must be positive")

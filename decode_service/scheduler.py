@@ -184,8 +184,8 @@ class BatchScheduler:
 
     def _after_prefill(self, seqs: list[Sequence]) -> None:
         """Engine hook after a prefill pass: name the full prompt blocks it computed (so
-        later requests with the same prefix share them in the pool), and publish them once
-        per request."""
+        later requests with the same prefix share them in the pool), and publish those not
+        published yet (a prompt computed in chunks: after each chunk)."""
         runner = self.engine.runner
         for seq in seqs:
             hashes = self._hashes.get(seq.seq_id)
@@ -196,6 +196,8 @@ class BatchScheduler:
             first = self._unpublished.pop(seq.seq_id, None)
             if self._publish is not None and first is not None and full > first:
                 self._publish(hashes[first:full], export_blocks(runner, seq, first, full))
+            if first is not None and seq.num_computed < len(seq.token_ids):
+                self._unpublished[seq.seq_id] = max(first, full)  # a chunk: more to come
 
     def _retry_deferred(self) -> None:
         """Admit deferred requests in arrival order until one still does not fit."""

@@ -30,7 +30,8 @@ def build_worker(config: DecodeConfig, runtime: Runtime) -> DecodeWorker:
     """The worker and its batch loop, started on the runtime's compute thread."""
     runtime.runner.allocator.retain_named = config.local_prefix_cache
     engine = LLMEngine(runtime.runner, runtime.loaded.tokenizer,
-                       max_batch_size=config.max_batch_size)
+                       max_batch_size=config.max_batch_size,
+                       prefill_chunk_tokens=config.prefill_chunk_tokens)
     prefill = None
     if config.prefill_addr:
         credentials = channel_credentials(config.prefill_tls_ca_file, config.prefill_tls_cert_file,

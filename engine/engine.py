@@ -6,6 +6,14 @@ decode step for every running sequence, samples, checks stop conditions and retu
 a finished or aborted sequence frees its KV blocks at once. When the pool runs dry in
 the middle of decoding, the youngest running sequence is preempted (its blocks freed,
 recomputed when it is admitted again).
+
+While sequences are running, a step computes at most ``prefill_chunk_tokens`` prompt
+tokens besides their next tokens (chunked prefill): a prompt with more left than the step
+has room for computes its next whole blocks that fit and waits, first in line, for the
+rest in the next step, and only its last chunk samples a token. A step that admits new
+prompts is then never much longer than one of that many tokens, so running streams do
+not stall for a long prompt; with nothing running, prompts go in whole, as fast as
+possible.
 """
 
 from __future__ import annotations
@@ -22,6 +30,17 @@ from engine.runner import ModelRunner
 from engine.sampling import InvalidRequest, InvalidSamplingParams, SamplingParams, sample
 from engine.sequence import Sequence, SequenceStatus, StopChecker
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass
+class _Chunk:
+    """A runner's view of a waiting sequence's prompt up to the end of this step's chunk:
+    computing it extends the sequence's own block table."""
+
+    seq: Sequence
+    token_ids: list[int]
+    num_computed: int
+    block_table: list[int]
 
 
 @dataclass(frozen=True)
@@ -49,11 +68,17 @@ class LLMEngine:
     """Continuous batching over a ``ModelRunner``; ``tokenizer`` enables text and stop strings."""
 
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer | None = None, *,
-                 max_batch_size: int = 64, max_prefill_tokens: int = 4096) -> None:
+                 max_batch_size: int = 64, max_prefill_tokens: int = 4096,
+                 prefill_chunk_tokens: int = 0) -> None:
+        if prefill_chunk_tokens < 0:
+            raise ValueError("prefill_chunk_tokens must be >= 0 (0: prompts go in whole)")
         self.runner = runner
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        """Most prompt tokens a step computes while sequences are running (module
+        docstring); 0: no such limit, prompts always go in whole."""
         self.eos_token_ids = frozenset(runner.config.eos_token_ids) | (
             tokenizer.eos_token_ids if tokenizer is not None else frozenset())
         self.waiting: deque[Sequence] = deque()
@@ -62,7 +87,9 @@ class LLMEngine:
         self._ids = itertools.count()
         self.on_prefill: Callable[[list[Sequence]], None] | None = None
         """Called with the sequences of every prefill pass once their prompt K/V is in the
-        pool, before sampling (a sequence that finishes on its first token frees it)."""
+        pool, before sampling (a sequence that finishes on its first token frees it); a
+        prompt computed in chunks comes once per chunk, ``num_computed`` short of its end
+        until the last."""
 
     @property
     def has_unfinished(self) -> bool:
@@ -90,13 +117,16 @@ class LLMEngine:
         """One scheduler iteration: batched prefill of admitted sequences and one decode step
         of the running ones, in one forward pass when there are both."""
         decode = self._reserve_decode()
-        prefill = self._admit()
-        prefill_logits, decode_logits = self.runner.prefill_and_decode(prefill, decode)
+        prefill, chunk = self._admit()
+        rows: list[Sequence | _Chunk] = [*prefill, *([chunk] if chunk else [])]
+        prefill_logits, decode_logits = self.runner.prefill_and_decode(rows, decode)
         outputs: list[StepOutput] = []
-        if prefill:
+        if chunk is not None:
+            chunk.seq.num_computed = chunk.num_computed  # its next blocks; no token yet
+        if rows:
             if self.on_prefill is not None:
-                self.on_prefill(prefill)
-            outputs += self._emit(prefill, prefill_logits)
+                self.on_prefill([*prefill, *([chunk.seq] if chunk else [])])
+            outputs += self._emit(prefill, prefill_logits[:len(prefill)])
         if decode:
             outputs += self._emit(decode, decode_logits)
         return outputs
@@ -137,21 +167,38 @@ class LLMEngine:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
-    def _admit(self) -> list[Sequence]:
-        """Waiting sequences, first come first served, that fit the batch, token and block budgets."""
+    def _admit(self) -> tuple[list[Sequence], _Chunk | None]:
+        """Waiting sequences, first come first served, that fit the batch, token and block
+        budgets; and, while sequences run, the next chunk of the first one that does not
+        fit the step's room whole (it stays first in line)."""
         batch: list[Sequence] = []
         tokens = 0
+        chunked = bool(self.running and self.prefill_chunk_tokens and self.runner.use_cache)
+        budget = min(self.max_prefill_tokens, self.prefill_chunk_tokens) if chunked \
+            else self.max_prefill_tokens
         while self.waiting and len(self.running) + len(batch) < self.max_batch_size:
             seq = self.waiting[0]
             new_tokens = len(seq.token_ids) - seq.num_computed
-            if batch and tokens + new_tokens > self.max_prefill_tokens:
-                break
+            if tokens + new_tokens > budget and (batch or chunked):
+                return batch, self._chunk(seq, budget - tokens) if chunked else None
             if self.runner.blocks_needed(seq, len(seq.token_ids)) > self.runner.allocator.num_free:
                 break
             self.runner.reserve(seq, len(seq.token_ids))
             batch.append(self.waiting.popleft())
             tokens += new_tokens
-        return batch
+        return batch, None
+
+    def _chunk(self, seq: Sequence, room: int) -> _Chunk | None:
+        """The next whole blocks of ``seq``'s prompt that fit ``room`` tokens (None when not
+        one block does, or the pool lacks them)."""
+        bs = self.runner.block_size
+        end = (seq.num_computed + room) // bs * bs
+        if end <= seq.num_computed or end >= len(seq.token_ids):
+            return None
+        if self.runner.blocks_needed(seq, end) > self.runner.allocator.num_free:
+            return None
+        self.runner.reserve(seq, end)
+        return _Chunk(seq, seq.token_ids[:end], seq.num_computed, seq.block_table)
 
     def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
         result = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])

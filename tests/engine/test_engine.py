@@ -166,3 +166,77 @@ def test_invalid_requests_are_refused_naming_the_field(loaded: LoadedModel, fiel
         engine.add(Sequence("bad", token_ids, params))
     assert err.value.field == field
     assert not engine.has_unfinished
+
+
+LONG_PROMPT = " ".join(PROMPTS * 6)
+
+
+def _prompt_tokens_per_pass(engine: LLMEngine) -> list[tuple[int, int]]:
+    """Record (prompt tokens computed, decode rows) of every pass the engine runs."""
+    passes: list[tuple[int, int]] = []
+    inner = engine.runner.prefill_and_decode
+
+    def counted(prefill, decode):  # type: ignore[no-untyped-def]
+        passes.append((sum(len(s.token_ids) - s.num_computed for s in prefill), len(decode)))
+        return inner(prefill, decode)
+
+    engine.runner.prefill_and_decode = counted  # type: ignore[method-assign]
+    return passes
+
+
+@pytest.mark.parametrize("chunk", [8, 12])
+def test_a_long_prompt_joins_running_streams_a_chunk_per_step_with_the_same_tokens(
+        loaded: LoadedModel, chunk: int) -> None:
+    tok = loaded.tokenizer
+    long_ids = tok.encode(LONG_PROMPT)
+    assert len(long_ids) > 3 * chunk
+    alone = make_engine(loaded)
+    expected_long = alone.generate([long_ids], greedy(12))[0].token_ids
+    expected_first = alone.generate([PROMPTS[0]], greedy(30))[0].token_ids
+
+    engine = make_engine(loaded, block_size=4, prefill_chunk_tokens=chunk)
+    passes = _prompt_tokens_per_pass(engine)
+    published: list[tuple[str, int]] = []
+    engine.on_prefill = lambda seqs: published.extend((s.seq_id, s.num_computed) for s in seqs)
+    first = Sequence("a", tok.encode(PROMPTS[0]), greedy(30))
+    engine.add(first)
+    engine.step()  # alone: its prompt goes in whole
+    late = Sequence("b", long_ids, greedy(12))
+    outs = run(engine, [late])  # runs both to the end
+    assert late.output_ids == expected_long and first.output_ids == expected_first
+    # while "a" streamed, no step computed more than a chunk of prompt tokens, whole blocks
+    # at a time, and "b" produced no token before its last chunk
+    joined = [p for p in passes[1:] if p[1] > 0 and p[0] > 0]
+    assert len(joined) >= 3 and all(n <= chunk for n, _ in joined), passes
+    chunks = [n for sid, n in published if sid == "b"]
+    assert chunks == sorted(chunks) and all(n % 4 == 0 for n in chunks[:-1])
+    assert chunks[-1] == len(long_ids) and len(chunks) == len(joined)
+    assert len(outs["b"]) == 12
+    assert engine.runner.allocator.num_free == 64
+
+
+def test_with_nothing_running_a_long_prompt_goes_in_whole(loaded: LoadedModel) -> None:
+    engine = make_engine(loaded, prefill_chunk_tokens=8)
+    passes = _prompt_tokens_per_pass(engine)
+    long_ids = loaded.tokenizer.encode(LONG_PROMPT)
+    engine.generate([long_ids], greedy(2))
+    assert passes[0] == (len(long_ids), 0)
+
+
+def test_aborting_a_prompt_between_its_chunks_frees_its_blocks(loaded: LoadedModel) -> None:
+    engine = make_engine(loaded, num_blocks=64, prefill_chunk_tokens=8)
+    first = Sequence("a", loaded.tokenizer.encode(PROMPTS[0]), greedy(40))
+    engine.add(first)
+    engine.step()
+    late = Sequence("b", loaded.tokenizer.encode(LONG_PROMPT), greedy(4))
+    engine.add(late)
+    engine.step()
+    assert 0 < late.num_computed < len(late.token_ids) and late.block_table  # mid-prompt
+    assert engine.abort("b")
+    assert engine.abort("a")
+    assert engine.runner.allocator.num_free == 64 and not engine.has_unfinished
+
+
+def test_a_negative_chunk_is_refused(loaded: LoadedModel) -> None:
+    with pytest.raises(ValueError, match="prefill_chunk_tokens"):
+        make_engine(loaded, prefill_chunk_tokens=-1)
