@@ -186,7 +186,19 @@ class LLMEngine:
             self.runner.reserve(seq, len(seq.token_ids))
             batch.append(self.waiting.popleft())
             tokens += new_tokens
+        if not batch and not self.running and self.waiting and self._reclaim():
+            return self._admit()  # the pool's room was held by sequences further back
         return batch, None
+
+    def _reclaim(self) -> bool:
+        """Free the blocks of the youngest waiting sequence behind the first that holds any
+        (a chunk computed so far, or imported K/V): with nothing running, they are all that
+        can make room for the first. It is computed again when its turn comes."""
+        for seq in reversed(list(self.waiting)[1:]):
+            if seq.block_table:
+                self.runner.free(seq)
+                return True
+        return False
 
     def _chunk(self, seq: Sequence, room: int) -> _Chunk | None:
         """The next whole blocks of ``seq``'s prompt that fit ``room`` tokens (None when not

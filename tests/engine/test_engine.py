@@ -240,3 +240,45 @@ def test_aborting_a_prompt_between_its_chunks_frees_its_blocks(loaded: LoadedMod
 def test_a_negative_chunk_is_refused(loaded: LoadedModel) -> None:
     with pytest.raises(ValueError, match="prefill_chunk_tokens"):
         make_engine(loaded, prefill_chunk_tokens=-1)
+
+
+def test_a_small_pool_with_chunked_prompts_waiting_still_finishes_every_sequence(
+        loaded: LoadedModel) -> None:
+    """Streams that outgrow a small pool while chunked prompts hold blocks: streams are
+    preempted, chunks' blocks are reclaimed when nothing else can run, and every sequence
+    still ends with the tokens it gets alone."""
+    tok = loaded.tokenizer
+    prompts = [tok.encode(PROMPTS[0]), tok.encode(LONG_PROMPT)[:70], tok.encode(LONG_PROMPT)[5:60]]
+    alone = make_engine(loaded, num_blocks=64)
+    expected = [alone.generate([p], greedy(30))[0].token_ids for p in prompts]
+    engine = make_engine(loaded, num_blocks=30, block_size=4, prefill_chunk_tokens=8)
+    seqs = [Sequence(str(i), p, greedy(30)) for i, p in enumerate(prompts)]
+    engine.add(seqs[0])
+    engine.step()
+    run(engine, seqs[1:])
+    assert [s.output_ids for s in seqs] == expected
+    assert engine.runner.allocator.num_free == 30
+
+
+def test_reclaim_frees_a_waiting_sequence_behind_the_first(loaded: LoadedModel) -> None:
+    """With nothing running, the first waiting prompt needs more room than is free while a
+    prompt behind it holds imported blocks: those go (it is recomputed later), the first
+    is admitted, and both end with the tokens they get alone."""
+    tok = loaded.tokenizer
+    first_ids, second_ids = tok.encode(LONG_PROMPT)[:64], tok.encode(PROMPTS[1])
+    alone = make_engine(loaded, num_blocks=64)
+    expected = [alone.generate([p], greedy(4))[0].token_ids for p in (first_ids, second_ids)]
+    producer = ModelRunner(loaded, num_blocks=16, block_size=4)
+    donor = Sequence("donor", second_ids)
+    producer.prefill([donor])
+    engine = make_engine(loaded, num_blocks=18, block_size=4)
+    first, second = Sequence("a", first_ids, greedy(4)), Sequence("b", second_ids, greedy(4))
+    engine.add(first)
+    held = len(second_ids) // 4
+    engine.runner.import_blocks(second, [producer.export_block(donor, i).numpy()
+                                         for i in range(held)])
+    engine.add(second)
+    assert engine.runner.allocator.num_free < 17  # the first (64 tokens) does not fit
+    run(engine, [])
+    assert [first.output_ids, second.output_ids] == expected
+    assert engine.runner.allocator.num_free == 18
