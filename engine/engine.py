@@ -26,21 +26,10 @@ from dataclasses import dataclass
 import torch
 
 from engine.kv import OutOfBlocks
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, leading
 from engine.sampling import InvalidRequest, InvalidSamplingParams, SamplingParams, sample
 from engine.sequence import Sequence, SequenceStatus, StopChecker
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
-
-
-@dataclass
-class _Chunk:
-    """A runner's view of a waiting sequence's prompt up to the end of this step's chunk:
-    computing it extends the sequence's own block table."""
-
-    seq: Sequence
-    token_ids: list[int]
-    num_computed: int
-    block_table: list[int]
 
 
 @dataclass(frozen=True)
@@ -117,15 +106,15 @@ class LLMEngine:
         """One scheduler iteration: batched prefill of admitted sequences and one decode step
         of the running ones, in one forward pass when there are both."""
         decode = self._reserve_decode()
-        prefill, chunk = self._admit()
-        rows: list[Sequence | _Chunk] = [*prefill, *([chunk] if chunk else [])]
-        prefill_logits, decode_logits = self.runner.prefill_and_decode(rows, decode)
+        prefill, chunked = self._admit()
+        chunk = [leading(seq, end) for seq, end in chunked]
+        prefill_logits, decode_logits = self.runner.prefill_and_decode([*prefill, *chunk], decode)
         outputs: list[StepOutput] = []
-        if chunk is not None:
-            chunk.seq.num_computed = chunk.num_computed  # its next blocks; no token yet
-        if rows:
+        for (seq, _), view in zip(chunked, chunk):
+            seq.num_computed = view.num_computed  # its next blocks; no token yet
+        if prefill or chunk:
             if self.on_prefill is not None:
-                self.on_prefill([*prefill, *([chunk.seq] if chunk else [])])
+                self.on_prefill([*prefill, *(seq for seq, _ in chunked)])
             outputs += self._emit(prefill, prefill_logits[:len(prefill)])
         if decode:
             outputs += self._emit(decode, decode_logits)
@@ -167,10 +156,10 @@ class LLMEngine:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
-    def _admit(self) -> tuple[list[Sequence], _Chunk | None]:
+    def _admit(self) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
         """Waiting sequences, first come first served, that fit the batch, token and block
-        budgets; and, while sequences run, the next chunk of the first one that does not
-        fit the step's room whole (it stays first in line)."""
+        budgets; and, while sequences run, the first one that does not fit the step's room
+        whole with the end of its next chunk (it stays first in line; at most one)."""
         batch: list[Sequence] = []
         tokens = 0
         chunked = bool(self.running and self.prefill_chunk_tokens and self.runner.use_cache)
@@ -180,7 +169,7 @@ class LLMEngine:
             seq = self.waiting[0]
             new_tokens = len(seq.token_ids) - seq.num_computed
             if tokens + new_tokens > budget and (batch or chunked):
-                return batch, self._chunk(seq, budget - tokens) if chunked else None
+                return batch, self._chunk(seq, budget - tokens) if chunked else []
             if self.runner.blocks_needed(seq, len(seq.token_ids)) > self.runner.allocator.num_free:
                 break
             self.runner.reserve(seq, len(seq.token_ids))
@@ -188,7 +177,7 @@ class LLMEngine:
             tokens += new_tokens
         if not batch and not self.running and self.waiting and self._reclaim():
             return self._admit()  # the pool's room was held by sequences further back
-        return batch, None
+        return batch, []
 
     def _reclaim(self) -> bool:
         """Free the blocks of the youngest waiting sequence behind the first that holds any
@@ -200,17 +189,15 @@ class LLMEngine:
                 return True
         return False
 
-    def _chunk(self, seq: Sequence, room: int) -> _Chunk | None:
-        """The next whole blocks of ``seq``'s prompt that fit ``room`` tokens (None when not
-        one block does, or the pool lacks them)."""
+    def _chunk(self, seq: Sequence, room: int) -> list[tuple[Sequence, int]]:
+        """``[(seq, end)]``: the next whole blocks of ``seq``'s prompt that fit ``room``
+        tokens, reserved (none when not one block does, or the pool lacks them)."""
         bs = self.runner.block_size
         end = (seq.num_computed + room) // bs * bs
-        if end <= seq.num_computed or end >= len(seq.token_ids):
-            return None
-        if self.runner.blocks_needed(seq, end) > self.runner.allocator.num_free:
-            return None
+        if end <= seq.num_computed or self.runner.blocks_needed(seq, end) > self.runner.allocator.num_free:
+            return []
         self.runner.reserve(seq, end)
-        return _Chunk(seq, seq.token_ids[:end], seq.num_computed, seq.block_table)
+        return [(seq, end)]
 
     def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
         result = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])

@@ -41,6 +41,22 @@ class RunnerSequence(Protocol):
     block_table: list[int]
 
 
+@dataclass
+class LeadingTokens:
+    """A sequence's first tokens as a sequence of their own (``leading``): it shares the
+    sequence's block table, so a pass over it computes the sequence's blocks up to that
+    point; the caller copies ``num_computed`` back afterwards."""
+
+    token_ids: list[int]
+    num_computed: int
+    block_table: list[int]
+
+
+def leading(seq: RunnerSequence, end: int) -> LeadingTokens:
+    """``seq`` cut after its first ``end`` tokens, for a pass that computes only those."""
+    return LeadingTokens(seq.token_ids[:end], seq.num_computed, seq.block_table)
+
+
 @dataclass(frozen=True)
 class _Pass:
     """One group of rows ready to run: ids and positions (B, T), real lengths, metadata."""

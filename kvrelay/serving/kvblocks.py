@@ -8,21 +8,11 @@ views are not, for a caller that keeps the blocks until their bytes are sent.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from engine.runner import ModelRunner, RunnerSequence
-
-
-@dataclass
-class _LeadingBlocks:
-    """A runner view of a sequence's first full blocks; shares its block table."""
-
-    token_ids: list[int]
-    num_computed: int
-    block_table: list[int]
+from engine.runner import ModelRunner, RunnerSequence, leading
 
 
 def prefill_full_blocks(runner: ModelRunner, seq: RunnerSequence, num_blocks: int) -> int:
@@ -38,7 +28,7 @@ def prefill_full_blocks_batch(runner: ModelRunner,
     """``prefill_full_blocks`` of several sequences in one batched pass (each padded to
     the widest); the tokens computed for each."""
     bs = runner.block_size
-    todo = [(seq, _LeadingBlocks(seq.token_ids[:n * bs], seq.num_computed, seq.block_table))
+    todo = [(seq, leading(seq, n * bs))
             for seq, n in items if n * bs > seq.num_computed]
     starts = [seq.num_computed for seq, _ in items]
     if todo:

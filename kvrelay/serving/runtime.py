@@ -199,7 +199,7 @@ def build_runtime(config: WorkerConfig, metrics: WorkerMetrics,
     gate = open_gate(config.compute_gate, config.compute_gate_wait_s,
                      metrics.gate_wait.inc, metrics.gate_bypasses.inc,
                      config.compute_gate_slice_s, metrics.gate_pauses.inc)
-    if isinstance(gate, ComputeGate) and gate.slice_s:
+    if config.compute_gate and config.compute_gate_slice_s:  # else no call per layer at all
         runner.between_layers = gate.pause_point
     return Runtime(loaded, runner, cache, compute or ComputeThread(),
                    ThreadPoolExecutor(config.store_threads, thread_name_prefix="store"), metrics,
