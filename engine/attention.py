@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine import cpu_attention
+
 
 @dataclass(frozen=True)
 class AttentionMetadata:
@@ -29,6 +31,9 @@ class AttentionMetadata:
     what follows its group's blocks (``shared_attention``). ``prefix``: one row (B = 1)
     whose new tokens follow a held prefix, as (the blocks holding it (nb,), its tokens);
     then there is no ``context_blocks`` or ``mask`` (``prefix_split_attention``).
+    ``table``: with ``prefix``, where kvrelay's CPU attention kernel runs here
+    (``cpu_attention.usable``), that row's block table through its new tokens (int64);
+    the kernel then reads the prefix and the new tokens in place (``cpu_attention.attend``).
     """
 
     slot_blocks: torch.Tensor | None
@@ -39,6 +44,7 @@ class AttentionMetadata:
     scale: float
     shared: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
     prefix: tuple[torch.Tensor, int] | None = None
+    table: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,8 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, kv_layer: torch.Tensor | 
     if meta.shared and kv_layer is not None:
         return shared_attention(q, kv_layer, meta).reshape(batch, t, heads * hd)
     if meta.prefix is not None and kv_layer is not None:
+        if meta.table is not None:
+            return cpu_attention.attend(q, kv_layer, meta.table, meta.prefix[1], meta.scale)
         return prefix_split_attention(q, kv, kv_layer, meta.prefix, meta.scale)
     if meta.context_blocks is None or kv_layer is None:
         keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, kvh, T, hd) each

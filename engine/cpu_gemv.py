@@ -7,12 +7,10 @@ SmolLM2-135M step spent 23-26 ms on 425 MB of projections. This kernel reads the
 25-30 GB/s (15-17 ms): each thread streams a contiguous band of rows of the column-major
 weight (``W.T`` is a row-major (in, out) matrix), adds eight rows at a time into a private
 accumulator that stays in L1/L2, and the threads sum their accumulators at the end. It is
-plain C (OpenMP for the threads, the compiler's vectorizer for AVX2/AVX-512), compiled on
-first use with the machine's C compiler for this CPU (``-march=native``) and kept under
-``$KVRELAY_CACHE_DIR/kernels``, keyed by the source, the compiler and the CPU's model and
-instruction-set flags; where no compiler is available the form is simply not
-offered and the BLAS forms serve (``engine.matmul``). It links to the OpenMP runtime torch
-has already loaded (same soname), so it shares torch's threads; it runs on as many as
+plain C (OpenMP for the threads, the compiler's vectorizer for AVX2/AVX-512), built on
+first use by ``engine.ckernels``; where no compiler is available the form is simply not
+offered and the BLAS forms serve (``engine.matmul``). It shares torch's OpenMP threads and
+runs on as many as
 ``torch.get_num_threads()`` says (passed in: OpenMP's own setting is per calling thread, and
 the worker's compute thread is not the one that set it).
 
@@ -22,20 +20,12 @@ rounding, as the other forms do.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import fcntl
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from engine import ckernels
 
 SOURCE = r"""
 #include <stdlib.h>
@@ -93,81 +83,24 @@ int kvrelay_gemv(const float *x, const float *wt, const float *bias, float *y,
 }
 """
 
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-
 _kernel: list[object] = []  # [ctypes function or None] once loading was tried
 
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def cpu_identity() -> str:
-    """The CPU model and its instruction-set flags: a library built with ``-march=native``
-    for one CPU must not be loaded on another, nor on the same model in a VM that hides
-    some of its instructions (AVX-512), where it would die of an illegal instruction."""
-    found = {}
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            name, _, value = line.partition(":")
-            name = name.strip()
-            if name in ("model name", "flags") and name not in found:
-                found[name] = value.strip()
-            if len(found) == 2:
-                break
-    return "\n".join((os.uname().machine, found.get("model name", ""), found.get("flags", "")))
+_compiler = ckernels.compiler
+cpu_identity = ckernels.cpu_identity
 
 
 def _build(cache_dir: Path) -> Path | None:
-    """The compiled library, built once per source, flags and CPU model (None: no compiler
-    or the build failed)."""
-    cc = _compiler()
-    if cc is None:
-        log.info("no C compiler: the single-row kernel is not used")
-        return None
-    key = hashlib.sha256("\0".join((SOURCE, cc, *FLAGS, cpu_identity())).encode()).hexdigest()[:20]
-    path = cache_dir / f"gemv-{key}.so"
-    if path.exists():
-        return path
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / "gemv.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if path.exists():
-            return path
-        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-            src, out = Path(tmp) / "gemv.c", Path(tmp) / "gemv.so"
-            src.write_text(SOURCE)
-            done = subprocess.run([cc, *FLAGS, "-o", str(out), str(src)], capture_output=True,
-                                  text=True, timeout=120, check=False)
-            if done.returncode != 0:
-                log.warning("the single-row kernel did not compile (%s): %s", cc,
-                            done.stderr.strip()[-500:])
-                return None
-            os.replace(out, path)
-    return path
+    """The compiled library (None: no compiler or the build failed)."""
+    return ckernels.build("gemv", SOURCE, cache_dir)
 
 
 def kernel(cache_dir: Path | None = None) -> object | None:
     """The compiled kernel (built on first call), or None where it cannot be built."""
-    if _kernel:
-        return _kernel[0]
-    fn = None
-    try:
-        root = os.environ.get("KVRELAY_CACHE_DIR")
-        default = (Path(root) if root else Path.home() / ".cache/kvrelay") / "kernels"
-        path = _build(cache_dir or default)
-        if path is not None:
-            fn = ctypes.CDLL(str(path)).kvrelay_gemv  # CDLL: the call releases the GIL
-            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2 + [ctypes.c_int]
-            fn.restype = ctypes.c_int
-    except (OSError, subprocess.SubprocessError) as err:
-        log.warning("the single-row kernel is not available: %s", err)
-        fn = None
-    _kernel.append(fn)
-    return fn
+    if not _kernel:
+        _kernel.append(ckernels.load("gemv", SOURCE, "kvrelay_gemv",
+                                     [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2 + [ctypes.c_int],
+                                     cache_dir))
+    return _kernel[0]
 
 
 def supports(weight: torch.Tensor) -> bool:

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
-from engine import matmul
+from engine import cpu_attention, matmul
 from engine.attention import AttentionMetadata, MixedMetadata
 from engine.config import ModelConfig
 from engine.kv import BlockAllocator, KVPool
@@ -98,6 +98,8 @@ class ModelRunner:
         self.allocator = BlockAllocator(num_blocks)
         self.kv = KVPool(num_blocks, config.num_layers, block_size, config.num_kv_heads,
                          config.head_dim, dtype=self.dtype, device=self.device) if use_cache else None
+        if self.use_cache:  # build the attention kernel now, not in the first request
+            cpu_attention.usable(self.dtype, config.head_dim, self.device)
         self.rope = RotaryTable(config, self.device)
         self.scale = config.head_dim ** -0.5
         self.between_layers: Callable[[], None] | None = None
@@ -264,10 +266,14 @@ class ModelRunner:
                                          self.scale, shared)
             if (len(seqs) == 1 and lens[0] >= SPLIT_PREFIX_TOKENS and starts[0] > 0
                     and self.device.type == "cpu"):
-                held = seqs[0].block_table[:-(-starts[0] // self.block_size)]
+                table = seqs[0].block_table
+                held = table[:-(-starts[0] // self.block_size)]
                 prefix = (torch.tensor(held, device=self.device), starts[0])
+                whole = None  # the kernel reads prefix and new tokens in place
+                if cpu_attention.usable(self.dtype, self.config.head_dim, self.device):
+                    whole = torch.tensor(table[:-(-(starts[0] + lens[0]) // self.block_size)])
                 return AttentionMetadata(slot_blocks, slot_offsets, token_index, None, None,
-                                         self.scale, prefix=prefix)
+                                         self.scale, prefix=prefix, table=whole)
             if any(starts):
                 context, mask = self._context(seqs, starts, lens, positions)
         return AttentionMetadata(slot_blocks, slot_offsets, token_index, context, mask, self.scale)

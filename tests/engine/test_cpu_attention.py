@@ -1,0 +1,118 @@
+"""engine.cpu_attention: a sequence's new tokens over its pool blocks, read in place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from engine import cpu_attention
+from engine.config import ModelConfig
+from engine.model import build_model
+from engine.runner import SPLIT_PREFIX_TOKENS, ModelRunner
+from engine.sequence import Sequence
+
+needs_kernel = pytest.mark.skipif(cpu_attention.kernel() is None, reason="no C compiler here")
+
+BS, KVH, HD, GROUP = 16, 3, 64, 3
+
+
+def _reference(q: torch.Tensor, layer: torch.Tensor, table: torch.Tensor, start: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention in float64 over the gathered blocks: (1, T, H*hd), lse (1, H, T)."""
+    t, heads = q.shape[1], q.shape[2]
+    g = heads // KVH
+    k = layer[:, 0].index_select(0, table).reshape(-1, KVH, HD)[:start + t].transpose(0, 1)
+    v = layer[:, 1].index_select(0, table).reshape(-1, KVH, HD)[:start + t].transpose(0, 1)
+    k, v = k.repeat_interleave(g, 0).double(), v.repeat_interleave(g, 0).double()
+    scores = q[0].transpose(0, 1).double() @ k.transpose(1, 2) * HD ** -0.5  # (H, T, Tk)
+    later = torch.arange(start + t)[None, :] > (start + torch.arange(t))[:, None]
+    scores = scores.masked_fill(later, float("-inf"))
+    out = (torch.softmax(scores, -1) @ v).transpose(0, 1).reshape(1, t, heads * HD)
+    return out, torch.logsumexp(scores, -1)[None]
+
+
+@needs_kernel
+@pytest.mark.parametrize(("start", "t"), [(0, 1), (0, 64), (5, 7), (16, 33), (100, 1),
+                                          (200, 130), (1984, 64), (1000, 300)])
+def test_matches_causal_attention_over_scattered_blocks(start: int, t: int) -> None:
+    torch.manual_seed(start * 1000 + t)
+    pool = torch.randn(160, 3, 2, BS, KVH, HD)  # (blocks, layers, K/V, bs, kvh, hd)
+    layer = pool[:, 1]  # a strided layer view, as the model passes it
+    table = torch.randperm(150)[:-(-(start + t) // BS)] + 5  # blocks in any order
+    q = torch.randn(1, t, KVH * GROUP, HD)
+    out, lse = cpu_attention.attend_with_lse(q, layer, table, start, HD ** -0.5)
+    want, want_lse = _reference(q, layer, table, start)
+    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=0)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-6, rtol=0)
+
+
+@needs_kernel
+def test_what_it_does_not_take_is_refused() -> None:
+    layer = torch.randn(8, 2, BS, KVH, HD)
+    q = torch.randn(1, 4, KVH, HD)
+    with pytest.raises(ValueError, match="block table"):
+        cpu_attention.attend(q, layer, torch.tensor([0]), BS, 0.125)  # 20 tokens, 1 block
+    with pytest.raises(RuntimeError):
+        cpu_attention.attend(q.double(), layer.double(), torch.tensor([0, 1]), 0, 0.125)
+    small = torch.randn(8, 2, BS, KVH, 32)
+    assert not cpu_attention.supports(torch.randn(1, 4, KVH, 32), small)
+
+
+def _pair() -> tuple[object, ModelConfig, object]:
+    """A tiny HF Llama with head dim 64 (the kernel's) and kvrelay's model with its weights."""
+    hf_config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=256, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        initializer_range=0.2, eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    hf_config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(3)
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    config = ModelConfig.from_hf(hf_config.to_dict())
+    model = build_model(config)
+    model.load_state_dict(hf.state_dict())
+    return hf, config, model
+
+
+@needs_kernel
+def test_a_pass_over_a_held_prefix_runs_it_and_gives_the_reference_logits(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    hf, config, model = _pair()
+    runner = ModelRunner((config, model), num_blocks=64, block_size=BS)
+    calls: list[int] = []
+    real = cpu_attention.attend
+
+    def counted(q, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(q.shape[1])
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(cpu_attention, "attend", counted)
+    prompt = torch.randint(0, 256, (150,), generator=torch.Generator().manual_seed(4)).tolist()
+    tails = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv("KVRELAY_CPU_ATTENTION", switch)
+        seq = Sequence("s", prompt[:70])  # a held prefix that ends inside a block
+        runner.prefill([seq])
+        seq.token_ids += prompt[70:]
+        tails[switch] = runner.prefill([seq])[0]  # 80 new tokens over 70 held
+        runner.free(seq)
+        if switch == "1":
+            assert calls == [80] * config.num_layers
+    assert len(calls) == config.num_layers  # switched off: the PyTorch path
+    with torch.inference_mode():
+        want = hf(torch.tensor([prompt])).logits[0, -1]
+    torch.testing.assert_close(tails["1"], want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(tails["1"], tails["0"], atol=1e-4, rtol=0)
+    assert 80 >= SPLIT_PREFIX_TOKENS
+
+
+def test_without_a_compiler_it_is_not_used(monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    monkeypatch.setattr(cpu_attention, "_kernel", [])
+    monkeypatch.setenv("CC", "")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, no gcc
+    monkeypatch.setenv("KVRELAY_CACHE_DIR", str(tmp_path))
+    assert cpu_attention.kernel() is None
+    assert not cpu_attention.usable(torch.float32, HD, torch.device("cpu"))
