@@ -7,6 +7,7 @@ and biases) so that logits are spread out and greedy choices are not near-ties.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -85,3 +86,13 @@ def prompts(n: int, seed: int = 1, lengths: tuple[int, ...] = (5, 13, 21, 30)) -
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (lengths[i % len(lengths)],), generator=g).tolist()
             for i in range(n)]
+
+
+@pytest.fixture
+def no_c_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No ``cc``, ``gcc`` or ``$CC`` to build kvrelay's C kernels, and an empty kernel cache
+    (the kernel modules' loaded kernels are reset by each test itself)."""
+    monkeypatch.setenv("CC", "")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, no gcc
+    monkeypatch.setenv("KVRELAY_CACHE_DIR", str(tmp_path))
+    return tmp_path

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import transformers
@@ -108,11 +106,8 @@ def test_a_pass_over_a_held_prefix_runs_it_and_gives_the_reference_logits(
     assert 80 >= SPLIT_PREFIX_TOKENS
 
 
-def test_without_a_compiler_it_is_not_used(monkeypatch: pytest.MonkeyPatch,
-                                           tmp_path: Path) -> None:
+@pytest.mark.usefixtures("no_c_compiler")
+def test_without_a_compiler_it_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cpu_attention, "_kernel", [])
-    monkeypatch.setenv("CC", "")
-    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, no gcc
-    monkeypatch.setenv("KVRELAY_CACHE_DIR", str(tmp_path))
     assert cpu_attention.kernel() is None
     assert not cpu_attention.usable(torch.float32, HD, torch.device("cpu"))

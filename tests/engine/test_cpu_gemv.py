@@ -69,12 +69,9 @@ def test_the_plan_sends_single_rows_through_it(monkeypatch: pytest.MonkeyPatch) 
     assert calls == [1]
 
 
-def test_without_a_compiler_the_form_is_not_offered(monkeypatch: pytest.MonkeyPatch,
-                                                    tmp_path: Path) -> None:
+@pytest.mark.usefixtures("no_c_compiler")
+def test_without_a_compiler_the_form_is_not_offered(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cpu_gemv, "_kernel", [])
-    monkeypatch.setenv("CC", "")
-    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, no gcc
-    monkeypatch.setenv("KVRELAY_CACHE_DIR", str(tmp_path))
     assert cpu_gemv.kernel() is None
     assert GEMV not in matmul.available_forms(_column_major(torch.randn(48, 32)))
     with pytest.raises(RuntimeError):
