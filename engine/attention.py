@@ -34,6 +34,10 @@ class AttentionMetadata:
     ``table``: with ``prefix``, where kvrelay's CPU attention kernel runs here
     (``cpu_attention.usable``), that row's block table through its new tokens (int64);
     the kernel then reads the prefix and the new tokens in place (``cpu_attention.attend``).
+    ``steps``: a pass of one new token per row (a decode step) where that kernel runs: every
+    row's block table and the groups of rows sharing leading blocks; the kernel reads each
+    row's keys in place, a group's shared keys once for all its rows
+    (``cpu_attention.attend_steps``), and there is no ``context_blocks`` or ``mask``.
     """
 
     slot_blocks: torch.Tensor | None
@@ -45,6 +49,7 @@ class AttentionMetadata:
     shared: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
     prefix: tuple[torch.Tensor, int] | None = None
     table: torch.Tensor | None = None
+    steps: cpu_attention.StepLayout | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,8 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, kv_layer: torch.Tensor | 
     batch, t, heads, hd = q.shape
     if kv_layer is not None:
         write_kv(kv_layer, kv, meta)
+    if meta.steps is not None and kv_layer is not None:
+        return cpu_attention.attend_steps(q, kv_layer, meta.steps, meta.scale)
     if meta.shared and kv_layer is not None:
         return shared_attention(q, kv_layer, meta).reshape(batch, t, heads * hd)
     if meta.prefix is not None and kv_layer is not None:

@@ -259,6 +259,14 @@ class ModelRunner:
             if any(n != width for n in lens):
                 token_index = torch.tensor([b * width + i for b, n in enumerate(lens)
                                             for i in range(n)], device=self.device)
+            if (all(n == 1 for n in lens) and
+                    cpu_attention.usable(self.dtype, self.config.head_dim, self.device)):
+                groups = self._shared_groups(seqs, starts, lens)
+                steps = cpu_attention.StepLayout.build(
+                    [s.block_table for s in seqs], [st + 1 for st in starts], self.block_size,
+                    groups)
+                return AttentionMetadata(slot_blocks, slot_offsets, token_index, None, None,
+                                         self.scale, steps=steps)
             shared, skips = self._shared_prefixes(seqs, starts, lens)
             if shared:
                 context, mask = self._context(seqs, starts, lens, positions, skips)
@@ -280,12 +288,24 @@ class ModelRunner:
 
     def _shared_prefixes(self, seqs: Seq[RunnerSequence], starts: list[int], lens: list[int]
                          ) -> tuple[tuple[tuple[torch.Tensor, torch.Tensor], ...], list[int]]:
-        """Groups of rows of a CPU decode step whose tables start with the same (at least
-        ``MIN_SHARED_BLOCKS``) blocks, wholly before their new tokens, as (rows, blocks)
-        for ``attention.shared_attention``; and how many blocks of each row that covers."""
+        """``_shared_groups`` as (rows, blocks) tensors for ``attention.shared_attention``,
+        and how many blocks of each row that covers."""
         skips = [0] * len(seqs)
+        groups = []
+        for members, common in self._shared_groups(seqs, starts, lens):
+            for i in members:
+                skips[i] = common
+            groups.append((torch.tensor(members, device=self.device),
+                           torch.tensor(seqs[members[0]].block_table[:common], device=self.device)))
+        return tuple(groups), skips
+
+    def _shared_groups(self, seqs: Seq[RunnerSequence], starts: list[int], lens: list[int]
+                       ) -> list[tuple[list[int], int]]:
+        """Groups of rows of a CPU decode step whose tables start with the same (at least
+        ``MIN_SHARED_BLOCKS``) blocks, wholly before their new tokens: (rows, how many
+        blocks they share)."""
         if len(seqs) < 2 or any(n != 1 for n in lens) or self.device.type != "cpu":
-            return (), skips
+            return []
         by_first: dict[int, list[int]] = {}
         for i, seq in enumerate(seqs):
             if seq.block_table:
@@ -301,11 +321,8 @@ class ModelRunner:
                                          for i in members[1:]):
                 common += 1
             if common >= MIN_SHARED_BLOCKS:
-                for i in members:
-                    skips[i] = common
-                groups.append((torch.tensor(members, device=self.device),
-                               torch.tensor(first[:common], device=self.device)))
-        return tuple(groups), skips
+                groups.append((members, common))
+        return groups
 
     def _slots(self, seqs: Seq[RunnerSequence], starts: list[int],
                lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ import transformers
 from engine import cpu_attention
 from engine.config import ModelConfig
 from engine.model import build_model
-from engine.runner import SPLIT_PREFIX_TOKENS, ModelRunner
+from engine.runner import MIN_SHARED_BLOCKS, SPLIT_PREFIX_TOKENS, ModelRunner
 from engine.sequence import Sequence
 
 needs_kernel = pytest.mark.skipif(cpu_attention.kernel() is None, reason="no C compiler here")
@@ -45,6 +45,52 @@ def test_matches_causal_attention_over_scattered_blocks(start: int, t: int) -> N
     want, want_lse = _reference(q, layer, table, start)
     torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=0)
     torch.testing.assert_close(lse.double(), want_lse, atol=2e-6, rtol=0)
+
+
+def _step_reference(q: torch.Tensor, layer: torch.Tensor, tables: list[list[int]],
+                    nkeys: list[int], group: int) -> torch.Tensor:
+    """Each row's one query token over its keys, in float64: (B, 1, H*hd)."""
+    outs = []
+    for b, (table, n) in enumerate(zip(tables, nkeys)):
+        blocks = torch.tensor(table)
+        k = layer[:, 0].index_select(0, blocks).reshape(-1, KVH, HD)[:n].transpose(0, 1)
+        v = layer[:, 1].index_select(0, blocks).reshape(-1, KVH, HD)[:n].transpose(0, 1)
+        k, v = k.repeat_interleave(group, 0).double(), v.repeat_interleave(group, 0).double()
+        scores = (q[b, 0].double()[:, None] @ k.transpose(1, 2))[:, 0] * HD ** -0.5  # (H, n)
+        outs.append((torch.softmax(scores, -1)[:, None] @ v).reshape(1, -1))
+    return torch.stack(outs)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("group", "lengths", "shared"), [
+    (3, [1], 0), (3, [17, 300, 64, 65], 0), (1, [40, 7], 0), (8, [129], 0),
+    (3, [600] * 16, 32),  # 16 rows over a 512-token prefix held once
+    (3, [200, 130, 97, 70, 300], 4),  # a group of three and two rows of their own
+    (30, [90, 81], 5)])  # more query rows than a tile: the group's rows in two tiles
+def test_decode_steps_match_attention_over_scattered_blocks(
+        group: int, lengths: list[int], shared: int) -> None:
+    torch.manual_seed(sum(lengths) + group)
+    pool = torch.randn(400, 2, 2, BS, KVH, HD)
+    layer = pool[:, 1]
+    free = torch.randperm(390).add(5).tolist()
+    common = [free.pop() for _ in range(shared)]
+    members = [0, 1, 2] if len(lengths) == 5 else list(range(len(lengths))) if shared else []
+    tables = [(common if b in members else []) for b in range(len(lengths))]
+    tables = [t + [free.pop() for _ in range(-(-n // BS) - len(t) + 1)]  # one spare block
+              for t, n in zip(tables, lengths)]
+    q = torch.randn(len(lengths), 1, KVH * group, HD)
+    groups = [(members, shared)] if shared else []
+    layout = cpu_attention.StepLayout.build(tables, lengths, BS, groups)
+    out = cpu_attention.attend_steps(q, layer, layout, HD ** -0.5)
+    want = _step_reference(q, layer, tables, lengths, group)
+    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=0)
+
+
+def test_a_step_layout_refuses_what_does_not_fit() -> None:
+    with pytest.raises(ValueError, match="cannot hold 40 keys"):
+        cpu_attention.StepLayout.build([[1, 2]], [40], BS)
+    with pytest.raises(ValueError, match="before its rows' new tokens"):
+        cpu_attention.StepLayout.build([[1, 2], [1, 2, 3]], [32, 40], BS, [([0, 1], 2)])
 
 
 @needs_kernel
@@ -104,6 +150,58 @@ def test_a_pass_over_a_held_prefix_runs_it_and_gives_the_reference_logits(
     torch.testing.assert_close(tails["1"], want, atol=1e-4, rtol=0)
     torch.testing.assert_close(tails["1"], tails["0"], atol=1e-4, rtol=0)
     assert 80 >= SPLIT_PREFIX_TOKENS
+
+
+@needs_kernel
+def test_decode_steps_run_it_and_give_the_reference_logits(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows sharing a held prefix (a group), a row of its own and a mixed pass decode
+    through the step kernel and give transformers' logits and the PyTorch path's."""
+    hf, config, model = _pair()
+    runner = ModelRunner((config, model), num_blocks=96, block_size=BS)
+    gen = torch.Generator().manual_seed(9)
+    prefix = torch.randint(0, 256, (BS * MIN_SHARED_BLOCKS + 5,), generator=gen).tolist()
+    tails = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (3, 20, 1, 40)]
+    calls: list[tuple[int, int]] = []
+    real = cpu_attention.attend_steps
+
+    def counted(q, kv_layer, layout, scale):  # type: ignore[no-untyped-def]
+        calls.append((q.shape[0], layout.grp_keys.numel()))
+        return real(q, kv_layer, layout, scale)
+
+    monkeypatch.setattr(cpu_attention, "attend_steps", counted)
+    results = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv("KVRELAY_CPU_ATTENTION", switch)
+        holder = Sequence("h", prefix)
+        runner.prefill([holder])
+        rows = []
+        for i, tail in enumerate(tails):
+            seq = Sequence(f"r{i}", (prefix if i < 3 else []) + tail)
+            if i < 3:  # three rows share the holder's full blocks
+                runner.adopt_blocks(seq, holder.block_table[:MIN_SHARED_BLOCKS])
+            rows.append(seq)
+        runner.prefill(rows)
+        got = []
+        for step in range(3):
+            for i, seq in enumerate(rows):
+                seq.token_ids.append(7 * step + i)
+            got.append(runner.decode(rows))
+        newcomer = Sequence("n", prefix + tails[0])  # a prompt joining a step's pass
+        rows[0].token_ids.append(99)
+        got.append(runner.prefill_and_decode([newcomer], rows[:1])[1])
+        results[switch] = (got, [list(seq.token_ids) for seq in rows])
+        for seq in (holder, newcomer, *rows):
+            runner.free(seq)
+    assert calls[:config.num_layers] == [(4, 1)] * config.num_layers  # one group
+    assert calls[-1] == (1, 0) and len(calls) == 4 * config.num_layers
+    got, tokens = results["1"]
+    for step_logits, off_logits in zip(got, results["0"][0]):
+        torch.testing.assert_close(step_logits, off_logits, atol=1e-4, rtol=0)
+    with torch.inference_mode():
+        for i, ids in enumerate(tokens):
+            want = hf(torch.tensor([ids])).logits[0, -1]
+            torch.testing.assert_close(got[-1][0] if i == 0 else got[2][i], want, atol=1e-4, rtol=0)
 
 
 @pytest.mark.usefixtures("no_c_compiler")
