@@ -31,10 +31,11 @@ class AttentionMetadata:
     what follows its group's blocks (``shared_attention``). ``prefix``: one row (B = 1)
     whose new tokens follow a held prefix, as (the blocks holding it (nb,), its tokens);
     then there is no ``context_blocks`` or ``mask`` (``prefix_split_attention``).
-    ``table``: with ``prefix``, where kvrelay's CPU attention kernel runs here
-    (``cpu_attention.usable``), that row's block table through its new tokens (int64);
-    the kernel then reads the prefix and the new tokens in place (``cpu_attention.attend``).
-    ``steps``: a pass of one new token per row (a decode step) where that kernel runs: every
+    ``rows``: where kvrelay's CPU attention kernel runs here (``cpu_attention.usable``), a
+    pass over held context: each row's block table through its new tokens (int64), the
+    position of its first new token and how many it has; the kernel reads each row's
+    context and new tokens in place (``cpu_attention.attend``), and there is no
+    ``context_blocks`` or ``mask``. ``steps``: a pass of one new token per row (a decode step) where that kernel runs: every
     row's block table and the groups of rows sharing leading blocks; the kernel reads each
     row's keys in place, a group's shared keys once for all its rows
     (``cpu_attention.attend_steps``), and there is no ``context_blocks`` or ``mask``.
@@ -48,7 +49,7 @@ class AttentionMetadata:
     scale: float
     shared: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
     prefix: tuple[torch.Tensor, int] | None = None
-    table: torch.Tensor | None = None
+    rows: tuple[tuple[torch.Tensor, int, int], ...] = ()
     steps: cpu_attention.StepLayout | None = None
 
 
@@ -95,9 +96,14 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, kv_layer: torch.Tensor | 
         return cpu_attention.attend_steps(q, kv_layer, meta.steps, meta.scale)
     if meta.shared and kv_layer is not None:
         return shared_attention(q, kv_layer, meta).reshape(batch, t, heads * hd)
+    if meta.rows and kv_layer is not None:
+        if batch == 1:
+            return cpu_attention.attend(q, kv_layer, meta.rows[0][0], meta.rows[0][1], meta.scale)
+        out = q.new_zeros(batch, t, heads * hd)  # padding past a row's tokens stays zero
+        for b, (table, start, n) in enumerate(meta.rows):
+            out[b, :n] = cpu_attention.attend(q[b:b + 1, :n], kv_layer, table, start, meta.scale)[0]
+        return out
     if meta.prefix is not None and kv_layer is not None:
-        if meta.table is not None:
-            return cpu_attention.attend(q, kv_layer, meta.table, meta.prefix[1], meta.scale)
         return prefix_split_attention(q, kv, kv_layer, meta.prefix, meta.scale)
     if meta.context_blocks is None or kv_layer is None:
         keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, kvh, T, hd) each

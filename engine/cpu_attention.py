@@ -17,13 +17,15 @@ How it computes (flash attention's online softmax, in fp32 throughout):
   at position ``start + i%T``); the work is cut into (KV head, 24 rows) tasks shared out to
   torch's OpenMP threads;
 * keys go 128 at a time: their K is first transposed (64 x 128 floats per head and chunk,
-  once per call) so that a 6-row x 64-key block of scores is 24 vector accumulators fed by
+  once per call, 16 x 16 blocks in registers) so that a 6-row x 64-key block of scores is 24 vector accumulators fed by
   broadcast query values; the running maximum and sum are updated per row (the exponential
   is a degree-6 polynomial after range reduction, to about one unit in the last place), and
   the probabilities times V go into 6 x 64 accumulators the same way;
 * keys past a row's position get no weight; chunks past every row of a task are skipped.
 
-Decode steps (``attend_steps``) go through the same library: every row's one new token over
+A pass of several rows over held context (a decode worker admitting new prompts onto
+fetched prefixes) calls ``attend`` row by row. Decode steps (``attend_steps``) go through
+the same library: every row's one new token over
 its own blocks, read in place, without the per-layer gather of each row's context and the
 masked product over the padded batch that PyTorch needs. Rows whose tables start with the
 same blocks (a shared system prompt, held once) form a group whose query rows are stacked
@@ -104,6 +106,25 @@ static inline v16 vexp(v16 x) {
     return p * f;
 }
 
+/* dst[d * stride + j] = keys[j][d0 + d] for 16 keys (fewer than 16: zero past the n-th)
+   and 16 dimensions: four rounds of interleaving rows i and i + 8 transpose a 16 x 16 block
+   in registers. */
+static inline void transpose16(const float *const *keys, long n, int d0, float *dst,
+                               long stride) {
+    v16 r[16], o[16];
+    for (int j = 0; j < 16; j++) r[j] = j < n ? ld(keys[j] + d0) : splat(0.f);
+    for (int round = 0; round < 4; round++) {
+        for (int i = 0; i < 8; i++) {
+            o[2 * i] = __builtin_shufflevector(r[i], r[i + 8], 0, 16, 1, 17, 2, 18, 3, 19,
+                                               4, 20, 5, 21, 6, 22, 7, 23);
+            o[2 * i + 1] = __builtin_shufflevector(r[i], r[i + 8], 8, 24, 9, 25, 10, 26, 11,
+                                                   27, 12, 28, 13, 29, 14, 30, 15, 31);
+        }
+        memcpy(r, o, sizeof r);
+    }
+    for (int d = 0; d < 16; d++) st(dst + d * stride, r[d]);
+}
+
 /* q (kvh, R, HD) contiguous: row i of KV head h is at position start + i % T. Keys are
    positions 0 .. start+T-1: key j of KV head h lies at
    base + table[j / bs] * bstride + ((j % bs) * kvh + h) * HD, its value voff floats on.
@@ -129,16 +150,15 @@ int kvrelay_attend(const float *q, long R, long T, long start, const float *base
             long key = k0 + j;
             kp[j] = base + table[key / bs] * bstride + ((key % bs) * kvh + h) * HD;
         }
-        for (int d = 0; d < HD; d++) {
-            float *row = kt + d * ldk;
-            for (long j = 0; j < n; j++) row[j] = kp[j][d];
-            for (long j = n; j < CK; j++) row[j] = 0.f;
-        }
+        for (long j0 = 0; j0 < CK; j0 += 16)
+            for (int d0 = 0; d0 < HD; d0 += 16)
+                transpose16(kp + j0, n - j0, d0, kt + d0 * ldk + j0, ldk);
     }
     #pragma omp for schedule(dynamic, 1)
     for (long task = 0; task < ntasks; task++) {
         long h = task / tiles, r0 = (task % tiles) * RT;
         long rows = R - r0 < RT ? R - r0 : RT;
+        int nrp = (int)((rows + MR - 1) / MR * MR);  /* rows computed: whole register blocks */
         v16 acc[RT][NV];
         float s[RT][CK] __attribute__((aligned(64)));
         float qs[RT][HD] __attribute__((aligned(64)));
@@ -161,7 +181,7 @@ int kvrelay_attend(const float *q, long R, long T, long start, const float *base
                 long key = k0 + j;
                 vrow[j] = base + table[key / bs] * bstride + ((key % bs) * kvh + h) * HD + voff;
             }
-            for (int r = 0; r < RT; r += MR)  /* scores: MR rows x 64 keys at a time */
+            for (int r = 0; r < nrp; r += MR)  /* scores: MR rows x 64 keys at a time */
             for (int half = 0; half < CK; half += 64) {
                 if (half >= nk) break;
                 v16 c[MR][4];
@@ -176,7 +196,7 @@ int kvrelay_attend(const float *q, long R, long T, long start, const float *base
                 }
                 for (int a = 0; a < MR; a++) for (int x = 0; x < 4; x++) st(&s[r + a][half + 16 * x], c[a][x]);
             }
-            for (int r = 0; r < RT; r++) {  /* online softmax */
+            for (int r = 0; r < nrp; r++) {  /* online softmax */
                 long vis = pos[r] + 1 - k0;  /* keys of this chunk the row sees */
                 if (vis > nk) vis = nk;
                 if (vis < 0) vis = 0;
@@ -199,7 +219,7 @@ int kvrelay_attend(const float *q, long R, long T, long start, const float *base
                 m[r] = mx;
                 if (corr != 1.0f) for (int x = 0; x < NV; x++) acc[r][x] *= splat(corr);
             }
-            for (int r = 0; r < RT; r += MR) {  /* probabilities times values */
+            for (int r = 0; r < nrp; r += MR) {  /* probabilities times values */
                 v16 o[MR][NV];
                 for (int a = 0; a < MR; a++) for (int x = 0; x < NV; x++) o[a][x] = acc[r + a][x];
                 for (long j = 0; j < nk; j++) {
@@ -236,18 +256,18 @@ static void rows_over_keys(float qs[RT][HD], int nr, const float *base, const lo
                            long h, float *m, float *l, v16 acc[RT][NV]) {
     float kt[HD][CD] __attribute__((aligned(64)));
     float s[RT][CD] __attribute__((aligned(64)));
-    const float *vrow[CD];
+    const float *krow[CD], *vrow[CD];
     int nrp = (nr + MR - 1) / MR * MR;
     for (long c0 = k0; c0 < k1; c0 += CD) {
         int nk = k1 - c0 < CD ? (int)(k1 - c0) : CD;
         for (int j = 0; j < nk; j++) {
             long key = c0 + j;
-            const float *kp = base + table[key / bs] * bstride + ((key % bs) * kvh + h) * HD;
-            vrow[j] = kp + voff;
-            for (int d = 0; d < HD; d++) kt[d][j] = kp[d];
+            krow[j] = base + table[key / bs] * bstride + ((key % bs) * kvh + h) * HD;
+            vrow[j] = krow[j] + voff;
         }
-        if (nk < CD)
-            for (int d = 0; d < HD; d++) for (int j = nk; j < CD; j++) kt[d][j] = 0.f;
+        for (int j0 = 0; j0 < CD; j0 += 16)
+            for (int d0 = 0; d0 < HD; d0 += 16)
+                transpose16(krow + j0, nk - j0, d0, &kt[d0][j0], CD);
         for (int r = 0; r < nrp; r += MR) {
             v16 c[MR][4];
             for (int a = 0; a < MR; a++) for (int x = 0; x < 4; x++) c[a][x] = splat(0.f);

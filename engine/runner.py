@@ -259,14 +259,20 @@ class ModelRunner:
             if any(n != width for n in lens):
                 token_index = torch.tensor([b * width + i for b, n in enumerate(lens)
                                             for i in range(n)], device=self.device)
-            if (all(n == 1 for n in lens) and
-                    cpu_attention.usable(self.dtype, self.config.head_dim, self.device)):
+            kernel = cpu_attention.usable(self.dtype, self.config.head_dim, self.device)
+            if kernel and all(n == 1 for n in lens):  # a step: one new token per row
                 groups = self._shared_groups(seqs, starts, lens)
                 steps = cpu_attention.StepLayout.build(
                     [s.block_table for s in seqs], [st + 1 for st in starts], self.block_size,
                     groups)
                 return AttentionMetadata(slot_blocks, slot_offsets, token_index, None, None,
                                          self.scale, steps=steps)
+            if kernel and any(starts):  # new tokens over held context, read in place
+                bs = self.block_size
+                rows = tuple((torch.tensor(s.block_table[:-(-(st + n) // bs)]), st, n)
+                             for s, st, n in zip(seqs, starts, lens))
+                return AttentionMetadata(slot_blocks, slot_offsets, token_index, None, None,
+                                         self.scale, rows=rows)
             shared, skips = self._shared_prefixes(seqs, starts, lens)
             if shared:
                 context, mask = self._context(seqs, starts, lens, positions, skips)
@@ -277,11 +283,8 @@ class ModelRunner:
                 table = seqs[0].block_table
                 held = table[:-(-starts[0] // self.block_size)]
                 prefix = (torch.tensor(held, device=self.device), starts[0])
-                whole = None  # the kernel reads prefix and new tokens in place
-                if cpu_attention.usable(self.dtype, self.config.head_dim, self.device):
-                    whole = torch.tensor(table[:-(-(starts[0] + lens[0]) // self.block_size)])
                 return AttentionMetadata(slot_blocks, slot_offsets, token_index, None, None,
-                                         self.scale, prefix=prefix, table=whole)
+                                         self.scale, prefix=prefix)
             if any(starts):
                 context, mask = self._context(seqs, starts, lens, positions)
         return AttentionMetadata(slot_blocks, slot_offsets, token_index, context, mask, self.scale)

@@ -153,6 +153,43 @@ def test_a_pass_over_a_held_prefix_runs_it_and_gives_the_reference_logits(
 
 
 @needs_kernel
+def test_a_batch_of_rows_over_held_context_runs_it_row_by_row(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of different lengths (a padded batch) over different held prefixes, one of
+    them short of ``SPLIT_PREFIX_TOKENS``: each row through the kernel, logits as
+    transformers' and as the PyTorch path's."""
+    hf, config, model = _pair()
+    runner = ModelRunner((config, model), num_blocks=96, block_size=BS)
+    gen = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (90, 61, 140)]
+    held = (37, 48, 100)  # two ending inside a block
+    calls: list[tuple[int, int]] = []
+    real = cpu_attention.attend
+
+    def counted(q, kv_layer, table, start, scale):  # type: ignore[no-untyped-def]
+        calls.append((q.shape[1], start))
+        return real(q, kv_layer, table, start, scale)
+
+    monkeypatch.setattr(cpu_attention, "attend", counted)
+    results = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv("KVRELAY_CPU_ATTENTION", switch)
+        rows = [Sequence(f"r{i}", p[:n]) for i, (p, n) in enumerate(zip(prompts, held))]
+        runner.prefill(rows)
+        for seq, p in zip(rows, prompts):
+            seq.token_ids = list(p)
+        results[switch] = runner.prefill(rows)
+        for seq in rows:
+            runner.free(seq)
+    assert calls[-3:] == [(53, 37), (13, 48), (40, 100)]
+    assert len(calls) == 3 * config.num_layers
+    torch.testing.assert_close(results["1"], results["0"], atol=1e-4, rtol=0)
+    with torch.inference_mode():
+        for got, p in zip(results["1"], prompts):
+            torch.testing.assert_close(got, hf(torch.tensor([p])).logits[0, -1], atol=1e-4, rtol=0)
+
+
+@needs_kernel
 def test_decode_steps_run_it_and_give_the_reference_logits(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows sharing a held prefix (a group), a row of its own and a mixed pass decode
