@@ -17,31 +17,32 @@ How it computes (flash attention's online softmax, in fp32 throughout):
   at position ``start + i%T``); the work is cut into (KV head, 24 rows) tasks shared out to
   torch's OpenMP threads;
 * keys go 128 at a time: their K is first transposed (64 x 128 floats per head and chunk,
-  once per call, 16 x 16 blocks in registers) so that a 6-row x 64-key block of scores is 24 vector accumulators fed by
-  broadcast query values; the running maximum and sum are updated per row (the exponential
-  is a degree-6 polynomial after range reduction, to about one unit in the last place), and
-  the probabilities times V go into 6 x 64 accumulators the same way;
+  once per call, 16 x 16 blocks in registers) so that a 6-row x 64-key block of scores is
+  24 vector accumulators fed by broadcast query values (``scores_block``); the running
+  maximum and sum are updated per row (``softmax_step``; the exponential is a degree-6
+  polynomial after range reduction, to about one unit in the last place), and the
+  probabilities times V go into 6 x 64 accumulators the same way (``values_block``);
 * keys past a row's position get no weight; chunks past every row of a task are skipped.
 
 A pass of several rows over held context (a decode worker admitting new prompts onto
 fetched prefixes) calls ``attend`` row by row. Decode steps (``attend_steps``) go through
-the same library: every row's one new token over
-its own blocks, read in place, without the per-layer gather of each row's context and the
-masked product over the padded batch that PyTorch needs. Rows whose tables start with the
-same blocks (a shared system prompt, held once) form a group whose query rows are stacked
-over those keys, as in a prefix pass, and each row then reads only its own blocks; the two
-parts merge by log-sum-exps. A row's own keys take the dot-product form (a few query rows
-per KV head: each key is read once, 16 scores summed across lanes together, nothing
-transposed), one task per row and all its KV heads, so that a block is read front to
-back. On a 2-core AMD EPYC (Zen 4), 16 rows over 568 tokens of SmolLM2-135M, 30 layers:
-33-37 ms with each row's blocks its own against 54-65 ms for gather and SDPA, 10-15 ms
-with a 512-token prefix shared against 18-29 ms for ``attention.shared_attention``.
+the same library: every row's one new token over its own blocks, read in place, without
+the per-layer gather of each row's context and the masked product over the padded batch
+that PyTorch needs. Rows whose tables start with the same blocks (a shared system prompt,
+held once) form a group whose query rows are stacked over those keys, as in a prefix pass,
+and each row then reads only its own blocks; the two parts merge by log-sum-exps. A row's
+own keys take the dot-product form (a few query rows per KV head: each key is read once,
+16 scores summed across lanes together, nothing transposed), one task per row and all its
+KV heads, so that a block is read front to back. On a 2-core AMD EPYC (Zen 4), 16 rows
+over 568 tokens of SmolLM2-135M, 30 layers: 33-44 ms with each row's blocks its own
+against 54-65 ms for gather and SDPA, 10-15 ms with a 512-token prefix shared against
+18-29 ms for ``attention.shared_attention``.
 
 Head dimension 64 only (SmolLM2, Llama 3.2 1B, Qwen2 0.5B), float32 only. Results agree
 with PyTorch's flash kernel to float rounding (~1e-6), as the order of the sums differs.
 Built by ``engine.ckernels`` on first use; where it cannot be (no compiler), or with
-``KVRELAY_CPU_ATTENTION=0`` in the environment, ``available`` is False and the PyTorch
-path runs (``attention.prefix_split_attention``).
+``KVRELAY_CPU_ATTENTION=0`` in the environment, ``usable`` is False and the PyTorch
+paths run (``attention.prefix_split_attention``, ``attention.shared_attention``, SDPA).
 """
 
 from __future__ import annotations
@@ -104,6 +105,63 @@ static inline v16 vexp(v16 x) {
     i16v e = (__builtin_convertvector(k, i16v) + 127) << 23;
     v16 f; memcpy(&f, &e, sizeof f);
     return p * f;
+}
+
+/* One row's step of the online softmax over a chunk of `width` scores s (a multiple of
+   16), of which the first `vis` count: the rest become zero probabilities. s is replaced
+   by exp(s - the new maximum); the running maximum m and sum l are updated and the row's
+   accumulators acc rescaled to the new maximum. */
+static inline void softmax_step(float *s, int width, long vis, float *m, float *l, v16 *acc) {
+    for (long j = vis; j < width; j++) s[j] = -1e30f;
+    v16 mv = ld(s);
+    for (int x = 1; x < width / 16; x++) mv = vmax(mv, ld(s + 16 * x));
+    float mx = *m;
+    for (int z = 0; z < 16; z++) mx = mv[z] > mx ? mv[z] : mx;
+    float corr = expf(*m - mx);
+    v16 sum = splat(0.f);
+    for (int x = 0; x < width / 16; x++) st(s + 16 * x, vexp(ld(s + 16 * x) - splat(mx)));
+    for (long j = vis; j < width; j++) s[j] = 0.f;
+    for (int x = 0; x < width / 16; x++) sum += ld(s + 16 * x);
+    float tot = 0.f;
+    for (int z = 0; z < 16; z++) tot += sum[z];
+    *l = *l * corr + tot;
+    *m = mx;
+    if (corr != 1.0f) for (int x = 0; x < NV; x++) acc[x] *= splat(corr);
+}
+
+/* Scores of MR query rows qs[0 .. MR) against 64 keys whose K is transposed at kt
+   (kt[d * ldk + j]): 24 vector accumulators fed by broadcast query values; row a's go to
+   s + a * lds. */
+static inline __attribute__((always_inline)) void scores_block(
+        float qs[][HD], const float *kt, long ldk, float *s, long lds) {
+    v16 c[MR][4];
+    for (int a = 0; a < MR; a++) for (int x = 0; x < 4; x++) c[a][x] = splat(0.f);
+    for (int d = 0; d < HD; d++) {
+        const float *kd = kt + d * ldk;
+        v16 k0v = ld(kd), k1v = ld(kd + 16), k2v = ld(kd + 32), k3v = ld(kd + 48);
+        for (int a = 0; a < MR; a++) {
+            v16 b = splat(qs[a][d]);
+            c[a][0] += b * k0v; c[a][1] += b * k1v; c[a][2] += b * k2v; c[a][3] += b * k3v;
+        }
+    }
+    for (int a = 0; a < MR; a++) for (int x = 0; x < 4; x++) st(s + a * lds + 16 * x, c[a][x]);
+}
+
+/* acc[a] += the probabilities s[a * lds + j] times the values at vrow[j], for MR rows and
+   nk keys. */
+static inline __attribute__((always_inline)) void values_block(
+        const float *s, long lds, const float *const *vrow, long nk, v16 acc[][NV]) {
+    v16 o[MR][NV];
+    for (int a = 0; a < MR; a++) for (int x = 0; x < NV; x++) o[a][x] = acc[a][x];
+    for (long j = 0; j < nk; j++) {
+        const float *v = vrow[j];
+        v16 v0 = ld(v), v1 = ld(v + 16), v2 = ld(v + 32), v3 = ld(v + 48);
+        for (int a = 0; a < MR; a++) {
+            v16 p = splat(s[a * lds + j]);
+            o[a][0] += p * v0; o[a][1] += p * v1; o[a][2] += p * v2; o[a][3] += p * v3;
+        }
+    }
+    for (int a = 0; a < MR; a++) for (int x = 0; x < NV; x++) acc[a][x] = o[a][x];
 }
 
 /* dst[d * stride + j] = keys[j][d0 + d] for 16 keys (fewer than 16: zero past the n-th)
@@ -182,56 +240,16 @@ int kvrelay_attend(const float *q, long R, long T, long start, const float *base
                 vrow[j] = base + table[key / bs] * bstride + ((key % bs) * kvh + h) * HD + voff;
             }
             for (int r = 0; r < nrp; r += MR)  /* scores: MR rows x 64 keys at a time */
-            for (int half = 0; half < CK; half += 64) {
-                if (half >= nk) break;
-                v16 c[MR][4];
-                for (int a = 0; a < MR; a++) for (int x = 0; x < 4; x++) c[a][x] = splat(0.f);
-                for (int d = 0; d < HD; d++) {
-                    const float *kd = ktc + d * ldk + half;
-                    v16 k0v = ld(kd), k1v = ld(kd + 16), k2v = ld(kd + 32), k3v = ld(kd + 48);
-                    for (int a = 0; a < MR; a++) {
-                        v16 b = splat(qs[r + a][d]);
-                        c[a][0] += b * k0v; c[a][1] += b * k1v; c[a][2] += b * k2v; c[a][3] += b * k3v;
-                    }
-                }
-                for (int a = 0; a < MR; a++) for (int x = 0; x < 4; x++) st(&s[r + a][half + 16 * x], c[a][x]);
-            }
+                for (int half = 0; half < CK && half < nk; half += 64)
+                    scores_block(&qs[r], ktc + half, ldk, &s[r][half], CK);
             for (int r = 0; r < nrp; r++) {  /* online softmax */
                 long vis = pos[r] + 1 - k0;  /* keys of this chunk the row sees */
                 if (vis > nk) vis = nk;
                 if (vis < 0) vis = 0;
-                for (long j = vis; j < CK; j++) s[r][j] = -1e30f;
-                v16 mv = ld(&s[r][0]);
-                for (int x = 1; x < CK / 16; x++) mv = vmax(mv, ld(&s[r][16 * x]));
-                float mx = m[r];
-                for (int z = 0; z < 16; z++) mx = mv[z] > mx ? mv[z] : mx;
-                float corr = expf(m[r] - mx);
-                v16 sum = splat(0.f);
-                for (int x = 0; x < CK / 16; x++) {
-                    v16 p = vexp(ld(&s[r][16 * x]) - splat(mx));
-                    st(&s[r][16 * x], p);
-                }
-                for (long j = vis; j < CK; j++) s[r][j] = 0.f;
-                for (int x = 0; x < CK / 16; x++) sum += ld(&s[r][16 * x]);
-                float tot = 0.f;
-                for (int z = 0; z < 16; z++) tot += sum[z];
-                l[r] = l[r] * corr + tot;
-                m[r] = mx;
-                if (corr != 1.0f) for (int x = 0; x < NV; x++) acc[r][x] *= splat(corr);
+                softmax_step(s[r], CK, vis, &m[r], &l[r], acc[r]);
             }
-            for (int r = 0; r < nrp; r += MR) {  /* probabilities times values */
-                v16 o[MR][NV];
-                for (int a = 0; a < MR; a++) for (int x = 0; x < NV; x++) o[a][x] = acc[r + a][x];
-                for (long j = 0; j < nk; j++) {
-                    const float *v = vrow[j];
-                    v16 v0 = ld(v), v1 = ld(v + 16), v2 = ld(v + 32), v3 = ld(v + 48);
-                    for (int a = 0; a < MR; a++) {
-                        v16 p = splat(s[r + a][j]);
-                        o[a][0] += p * v0; o[a][1] += p * v1; o[a][2] += p * v2; o[a][3] += p * v3;
-                    }
-                }
-                for (int a = 0; a < MR; a++) for (int x = 0; x < NV; x++) acc[r + a][x] = o[a][x];
-            }
+            for (int r = 0; r < nrp; r += MR)  /* probabilities times values */
+                values_block(s[r], CK, vrow, nk, &acc[r]);
         }
         for (long r = 0; r < rows; r++) {
             v16 inv = splat(1.0f / l[r]);
@@ -268,51 +286,12 @@ static void rows_over_keys(float qs[RT][HD], int nr, const float *base, const lo
         for (int j0 = 0; j0 < CD; j0 += 16)
             for (int d0 = 0; d0 < HD; d0 += 16)
                 transpose16(krow + j0, nk - j0, d0, &kt[d0][j0], CD);
-        for (int r = 0; r < nrp; r += MR) {
-            v16 c[MR][4];
-            for (int a = 0; a < MR; a++) for (int x = 0; x < 4; x++) c[a][x] = splat(0.f);
-            for (int d = 0; d < HD; d++) {
-                v16 k0v = ld(&kt[d][0]), k1v = ld(&kt[d][16]), k2v = ld(&kt[d][32]), k3v = ld(&kt[d][48]);
-                for (int a = 0; a < MR; a++) {
-                    v16 b = splat(qs[r + a][d]);
-                    c[a][0] += b * k0v; c[a][1] += b * k1v; c[a][2] += b * k2v; c[a][3] += b * k3v;
-                }
-            }
-            for (int a = 0; a < MR; a++) for (int x = 0; x < 4; x++) st(&s[r + a][16 * x], c[a][x]);
-        }
-        for (int r = 0; r < nrp; r++) {  /* online softmax */
-            for (int j = nk; j < CD; j++) s[r][j] = -1e30f;
-            v16 mv = ld(&s[r][0]);
-            for (int x = 1; x < CD / 16; x++) mv = vmax(mv, ld(&s[r][16 * x]));
-            float mx = m[r];
-            for (int z = 0; z < 16; z++) mx = mv[z] > mx ? mv[z] : mx;
-            float corr = expf(m[r] - mx);
-            v16 sum = splat(0.f);
-            for (int x = 0; x < CD / 16; x++) {
-                v16 p = vexp(ld(&s[r][16 * x]) - splat(mx));
-                st(&s[r][16 * x], p);
-            }
-            for (int j = nk; j < CD; j++) s[r][j] = 0.f;
-            for (int x = 0; x < CD / 16; x++) sum += ld(&s[r][16 * x]);
-            float tot = 0.f;
-            for (int z = 0; z < 16; z++) tot += sum[z];
-            l[r] = l[r] * corr + tot;
-            m[r] = mx;
-            if (corr != 1.0f) for (int x = 0; x < NV; x++) acc[r][x] *= splat(corr);
-        }
-        for (int r = 0; r < nrp; r += MR) {  /* probabilities times values */
-            v16 o[MR][NV];
-            for (int a = 0; a < MR; a++) for (int x = 0; x < NV; x++) o[a][x] = acc[r + a][x];
-            for (int j = 0; j < nk; j++) {
-                const float *v = vrow[j];
-                v16 v0 = ld(v), v1 = ld(v + 16), v2 = ld(v + 32), v3 = ld(v + 48);
-                for (int a = 0; a < MR; a++) {
-                    v16 p = splat(s[r + a][j]);
-                    o[a][0] += p * v0; o[a][1] += p * v1; o[a][2] += p * v2; o[a][3] += p * v3;
-                }
-            }
-            for (int a = 0; a < MR; a++) for (int x = 0; x < NV; x++) acc[r + a][x] = o[a][x];
-        }
+        for (int r = 0; r < nrp; r += MR)  /* scores */
+            scores_block(&qs[r], &kt[0][0], CD, s[r], CD);
+        for (int r = 0; r < nrp; r++)  /* online softmax */
+            softmax_step(s[r], CD, nk, &m[r], &l[r], acc[r]);
+        for (int r = 0; r < nrp; r += MR)  /* probabilities times values */
+            values_block(s[r], CD, vrow, nk, &acc[r]);
     }
 }
 
@@ -373,24 +352,7 @@ static void few_rows_over_keys(float qs[RT][HD], int nr, int g, const float *bas
                 }
                 st(&s[r][j0], sum_lanes16(t));
             }
-            for (int j = nk; j < CD; j++) s[r][j] = -1e30f;  /* online softmax */
-            v16 mv = ld(&s[r][0]);
-            for (int x = 1; x < CD / 16; x++) mv = vmax(mv, ld(&s[r][16 * x]));
-            float mx = m[r];
-            for (int z = 0; z < 16; z++) mx = mv[z] > mx ? mv[z] : mx;
-            float corr = expf(m[r] - mx);
-            v16 sum = splat(0.f);
-            for (int x = 0; x < CD / 16; x++) {
-                v16 p = vexp(ld(&s[r][16 * x]) - splat(mx));
-                st(&s[r][16 * x], p);
-            }
-            for (int j = nk; j < CD; j++) s[r][j] = 0.f;
-            for (int x = 0; x < CD / 16; x++) sum += ld(&s[r][16 * x]);
-            float tot = 0.f;
-            for (int z = 0; z < 16; z++) tot += sum[z];
-            l[r] = l[r] * corr + tot;
-            m[r] = mx;
-            if (corr != 1.0f) for (int x = 0; x < NV; x++) acc[r][x] *= splat(corr);
+            softmax_step(s[r], CD, nk, &m[r], &l[r], acc[r]);  /* online softmax */
         }
         for (int r = 0; r < nr; r++) {  /* probabilities times values */
             v16 o0 = acc[r][0], o1 = acc[r][1], o2 = acc[r][2], o3 = acc[r][3];
