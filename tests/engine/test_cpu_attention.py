@@ -47,6 +47,20 @@ def test_matches_causal_attention_over_scattered_blocks(start: int, t: int) -> N
     torch.testing.assert_close(lse.double(), want_lse, atol=2e-6, rtol=0)
 
 
+@needs_kernel
+@pytest.mark.parametrize("block_size", [1, 4, 32])
+def test_a_prefix_pass_takes_any_block_size(block_size: int) -> None:
+    torch.manual_seed(block_size)
+    start, t = 150, 40
+    pool = torch.randn(300, 1, 2, block_size, KVH, HD)
+    table = torch.randperm(290)[:-(-(start + t) // block_size)] + 5
+    q = torch.randn(1, t, KVH * GROUP, HD)
+    out, lse = cpu_attention.attend_with_lse(q, pool[:, 0], table, start, HD ** -0.5)
+    want, want_lse = _reference(q, pool[:, 0], table, start)
+    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=0)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-6, rtol=0)
+
+
 def _step_reference(q: torch.Tensor, layer: torch.Tensor, tables: list[list[int]],
                     nkeys: list[int], group: int) -> torch.Tensor:
     """Each row's one query token over its keys, in float64: (B, 1, H*hd)."""
@@ -83,6 +97,24 @@ def test_decode_steps_match_attention_over_scattered_blocks(
     layout = cpu_attention.StepLayout.build(tables, lengths, BS, groups)
     out = cpu_attention.attend_steps(q, layer, layout, HD ** -0.5)
     want = _step_reference(q, layer, tables, lengths, group)
+    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("block_size", [1, 4, 32, 64])
+def test_decode_steps_take_any_block_size(block_size: int) -> None:
+    torch.manual_seed(block_size)
+    lengths, shared = [130, 200, 70, 129, 5], 64 // block_size  # three rows share 64 keys
+    pool = torch.randn(700, 1, 2, block_size, KVH, HD)
+    free = torch.randperm(690).add(5).tolist()
+    common = [free.pop() for _ in range(shared)]
+    tables = [(common if b < 3 else []) for b in range(len(lengths))]
+    tables = [t + [free.pop() for _ in range(-(-n // block_size) - len(t))]
+              for t, n in zip(tables, lengths)]
+    q = torch.randn(len(lengths), 1, KVH * GROUP, HD)
+    layout = cpu_attention.StepLayout.build(tables, lengths, block_size, [([0, 1, 2], shared)])
+    out = cpu_attention.attend_steps(q, pool[:, 0], layout, HD ** -0.5)
+    want = _step_reference(q, pool[:, 0], tables, lengths, GROUP)
     torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=0)
 
 
