@@ -13,9 +13,11 @@ rows 1.2-2.5x faster. Over the plain column-major weight (rows of a block 192 by
 in memory) the same kernel was no faster than oneDNN on the large shapes.
 
 Plain C with GCC vector types and OpenMP, built on first use by ``engine.ckernels``; where
-no compiler is available the form is not offered (``engine.matmul``). The packed copy costs
-the weight's size again; ``matmul.prepare`` makes it only for weights the measured plan
-multiplies this way. Float32 CPU weights whose output count is a multiple of 48 only
+no compiler is available, or with ``KVRELAY_CPU_GEMM=0`` in the environment, the form is not
+offered (``engine.matmul``). The packed copy costs the weight's size again (SmolLM2-135M:
+about 0.5 GB more per worker, as prefill passes keep oneDNN's packed copy and single rows
+the plain weight); ``matmul.prepare`` makes it only for weights the measured plan
+multiplies this way, and the switch trades that memory for the speed. Float32 CPU weights whose output count is a multiple of 48 only
 (SmolLM2-135M: 960, 576, 3072, 1536 and the 49152-row head). Sums run in another order
 than BLAS's, so results agree with ``F.linear`` to float rounding, as the other forms do.
 """
@@ -23,6 +25,7 @@ than BLAS's, so results agree with ``F.linear`` to float rounding, as the other 
 from __future__ import annotations
 
 import ctypes
+import os
 from pathlib import Path
 
 import torch
@@ -94,6 +97,16 @@ def kernel(cache_dir: Path | None = None) -> object | None:
             [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2
             + [ctypes.c_int], cache_dir))
     return _kernel[0]
+
+
+def enabled() -> bool:
+    """Not switched off by ``KVRELAY_CPU_GEMM=0`` (which saves the packed copies' memory)."""
+    return os.environ.get("KVRELAY_CPU_GEMM", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def usable() -> bool:
+    """Switched on and built here: ``engine.matmul`` offers the form."""
+    return enabled() and kernel() is not None
 
 
 def supports(weight: torch.Tensor) -> bool:

@@ -199,7 +199,7 @@ def set_form(weight: torch.Tensor, rows: int, form: int) -> None:
     """Set the form for ``weight``'s shape and ``rows``' bucket by hand (tests, overrides)."""
     if form == ONEDNN and _ONEDNN is None:
         raise RuntimeError("oneDNN is not available in this PyTorch build")
-    if form == ROWS and (cpu_gemm.kernel() is None or not cpu_gemm.supports(weight)):
+    if form == ROWS and (not cpu_gemm.usable() or not cpu_gemm.supports(weight)):
         raise RuntimeError("the few-row kernel cannot multiply this weight here")
     _plan[_key(weight, rows)] = form
 
@@ -230,7 +230,8 @@ def available_forms(weight: torch.Tensor) -> tuple[int, ...]:
     column-major weight whose outputs divide among the threads; gemv: a column-major
     float32 weight, where a C compiler built the kernel; it takes one row only, and
     ``tune`` times it for the one-row bucket only; rows-packed: a float32 weight with a
-    multiple of 48 outputs, where the compiler built that kernel, timed for 2-64 rows)."""
+    multiple of 48 outputs, where the compiler built that kernel and ``KVRELAY_CPU_GEMM``
+    does not switch it off, timed for 2-64 rows)."""
     if weight.device.type != "cpu":
         return (LINEAR,)
     forms = [LINEAR, TRANSPOSED] + ([ONEDNN] if _ONEDNN is not None else [])
@@ -238,7 +239,7 @@ def available_forms(weight: torch.Tensor) -> tuple[int, ...]:
         forms.append(SPLIT)
     if cpu_gemv.supports(weight) and cpu_gemv.kernel() is not None:
         forms.append(GEMV)
-    if cpu_gemm.supports(weight) and cpu_gemm.kernel() is not None:
+    if cpu_gemm.supports(weight) and cpu_gemm.usable():
         forms.append(ROWS)
     return tuple(forms)
 
@@ -353,7 +354,7 @@ def plan_key(jobs: Sequence[Job]) -> str:
     cases = [[[list(g[0].shape), str(g[0].dtype), g[0].device.type] for g in groups if g]
              + [list(rows)] for groups, rows in jobs]
     what = [cpu_gemv.cpu_identity(), os.cpu_count(), torch.get_num_threads(), torch.__version__,
-            _ONEDNN is not None, cpu_gemv.kernel() is not None, cpu_gemm.kernel() is not None,
+            _ONEDNN is not None, cpu_gemv.kernel() is not None, cpu_gemm.usable(),
             FORMS, TIMING_VERSION,
             TIMED_WEIGHTS, LARGE_WEIGHTS, MIN_GAIN, cases]
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:24]

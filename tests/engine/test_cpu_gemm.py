@@ -141,3 +141,16 @@ def test_a_model_decoding_through_it_gives_the_reference_logits() -> None:
         for seq, got in zip(seqs, logits):
             want = hf(torch.tensor([seq.token_ids])).logits[0, -1]
             torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@needs_kernel
+def test_switched_off_it_is_not_offered_and_the_plan_key_changes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    weight = _column_major(torch.randn(96, 32))
+    jobs = [([[weight]], (8,))]
+    on = matmul.plan_key(jobs)
+    monkeypatch.setenv("KVRELAY_CPU_GEMM", "0")
+    assert ROWS not in matmul.available_forms(weight)
+    with pytest.raises(RuntimeError):
+        set_form(weight, 8, ROWS)
+    assert matmul.plan_key(jobs) != on  # a plan measured with it is not read without it
