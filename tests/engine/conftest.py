@@ -71,6 +71,22 @@ def make_pair(name: str, seed: int = 0) -> ModelPair:
     return ModelPair(hf, config, model)
 
 
+def llama_of(seed: int, **dims: Any) -> tuple[Any, ModelConfig, LlamaForCausalLM]:
+    """A tiny HF Llama of the given dimensions (``vocab_size``, ``hidden_size``, ...) and
+    kvrelay's model with its weights, for tests that need shapes of their own (a kernel's
+    head dim or block width)."""
+    hf_config = transformers.LlamaConfig(**{
+        "num_hidden_layers": 2, "max_position_embeddings": 512, "initializer_range": 0.2,
+        "eos_token_id": None, "bos_token_id": None, "pad_token_id": None, **dims})
+    hf_config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(seed)
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    config = ModelConfig.from_hf(hf_config.to_dict())
+    model = build_model(config)
+    model.load_state_dict(hf.state_dict())
+    return hf, config, model
+
+
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def pair(request: pytest.FixtureRequest) -> ModelPair:
     return make_pair(request.param)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
-import transformers
 
 from engine import cpu_attention
 from engine.config import ModelConfig
-from engine.model import build_model
 from engine.runner import MIN_SHARED_BLOCKS, SPLIT_PREFIX_TOKENS, ModelRunner
 from engine.sequence import Sequence
+from tests.engine.conftest import llama_of
 
 needs_kernel = pytest.mark.skipif(cpu_attention.kernel() is None, reason="no C compiler here")
 
@@ -137,19 +138,10 @@ def test_what_it_does_not_take_is_refused() -> None:
     assert not cpu_attention.supports(torch.randn(1, 4, KVH, 32), small)
 
 
-def _pair() -> tuple[object, ModelConfig, object]:
+def _pair() -> tuple[Any, ModelConfig, Any]:
     """A tiny HF Llama with head dim 64 (the kernel's) and kvrelay's model with its weights."""
-    hf_config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=256, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        initializer_range=0.2, eos_token_id=None, bos_token_id=None, pad_token_id=None)
-    hf_config.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(3)
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    config = ModelConfig.from_hf(hf_config.to_dict())
-    model = build_model(config)
-    model.load_state_dict(hf.state_dict())
-    return hf, config, model
+    return llama_of(3, vocab_size=256, hidden_size=256, intermediate_size=128,
+                    num_attention_heads=4, num_key_value_heads=2)
 
 
 @needs_kernel

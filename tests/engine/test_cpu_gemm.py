@@ -108,23 +108,12 @@ def test_without_a_compiler_the_form_is_not_offered(monkeypatch: pytest.MonkeyPa
 def test_a_model_decoding_through_it_gives_the_reference_logits() -> None:
     """Every projection and the LM head of a batch-4 decode step through the kernel (a tiny
     Llama whose widths are multiples of 48) give transformers' logits."""
-    import transformers
-
-    from engine.config import ModelConfig
-    from engine.model import build_model
     from engine.runner import ModelRunner
     from engine.sequence import Sequence
+    from tests.engine.conftest import llama_of
 
-    hf_config = transformers.LlamaConfig(
-        vocab_size=240, hidden_size=192, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=3, num_key_value_heads=3, max_position_embeddings=256,
-        initializer_range=0.2, eos_token_id=None, bos_token_id=None, pad_token_id=None)
-    hf_config.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(5)
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    config = ModelConfig.from_hf(hf_config.to_dict())
-    model = build_model(config)
-    model.load_state_dict(hf.state_dict())
+    hf, config, model = llama_of(5, vocab_size=240, hidden_size=192, intermediate_size=96,
+                                 num_attention_heads=3, num_key_value_heads=3)
     runner = ModelRunner((config, model), num_blocks=64, block_size=16, tune_matmuls=False)
     weights = [w for group in model.projection_groups() for w in group] + [model.head_weight]
     for w in weights:
