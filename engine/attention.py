@@ -35,10 +35,11 @@ class AttentionMetadata:
     pass over held context: each row's block table through its new tokens (int64), the
     position of its first new token and how many it has; the kernel reads each row's
     context and new tokens in place (``cpu_attention.attend``), and there is no
-    ``context_blocks`` or ``mask``. ``steps``: a pass of one new token per row (a decode step) where that kernel runs: every
-    row's block table and the groups of rows sharing leading blocks; the kernel reads each
-    row's keys in place, a group's shared keys once for all its rows
-    (``cpu_attention.attend_steps``), and there is no ``context_blocks`` or ``mask``.
+    ``context_blocks`` or ``mask``. ``steps``: a pass of one new token per row (a decode
+    step) where that kernel runs: every row's block table and the groups of rows sharing
+    leading blocks; the kernel reads each row's keys in place, a group's shared keys once
+    for all its rows (``cpu_attention.attend_steps``), and there is no ``context_blocks``
+    or ``mask``.
     """
 
     slot_blocks: torch.Tensor | None

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 log = logging.getLogger(__name__)
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
@@ -105,3 +107,26 @@ def load(name: str, source: str, symbol: str, argtypes: Sequence[Any],
     except (OSError, subprocess.SubprocessError) as err:
         log.warning("the %s kernel is not available: %s", name, err)
         return None
+
+
+def switched_on(variable: str) -> bool:
+    """Whether the environment leaves a kernel on: ``variable`` unset, or anything but
+    ``0``, ``false``, ``no`` or ``off`` (read when asked, so a test or a worker's settings
+    can switch a kernel between passes)."""
+    return os.environ.get(variable, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def float32_operands(x: torch.Tensor, out_features: int, in_features: int,
+                     bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x`` (M, in) and ``bias`` (out,) made contiguous for a product kernel, or
+    RuntimeError naming what does not fit (float32 only)."""
+    x = x.contiguous()
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != in_features:
+        raise RuntimeError(f"input is {tuple(x.shape)} {x.dtype}, "
+                           f"weight takes {in_features} floats")
+    if bias is not None:
+        bias = bias.contiguous()
+        if bias.dtype != torch.float32 or bias.numel() != out_features:
+            raise RuntimeError("bias must be float32 with one value per output")
+    return x, bias
+

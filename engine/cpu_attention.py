@@ -48,7 +48,6 @@ paths run (``attention.prefix_split_attention``, ``attention.shared_attention``,
 from __future__ import annotations
 
 import ctypes
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -433,8 +432,8 @@ int kvrelay_attend_steps(const float *q, long B, long g, const float *base, long
             for (int d = 0; d < HD; d++) qs[r][d] = r < nr ? q[rowq[r] * HD + d] * scale : 0.f;
         }
         if (!shared && (whole || nr <= MR))
-            few_rows_over_keys(qs, (int)nr, whole ? (int)g : RT, base, table, k0, k1, bstride,
-                               voff, bs, kvh, h, m, l, acc);
+            few_rows_over_keys(qs, (int)nr, (int)(whole ? g : nr),  /* else all of head h */
+                               base, table, k0, k1, bstride, voff, bs, kvh, h, m, l, acc);
         else
             rows_over_keys(qs, (int)nr, base, table, k0, k1, bstride, voff, bs, kvh, h, m, l, acc);
         for (long r = 0; r < nr; r++) {
@@ -494,7 +493,7 @@ def step_kernel(cache_dir: Path | None = None) -> object | None:
 
 def enabled() -> bool:
     """Not switched off by ``KVRELAY_CPU_ATTENTION=0``."""
-    return os.environ.get("KVRELAY_CPU_ATTENTION", "1").strip().lower() not in ("0", "false", "no", "off")
+    return ckernels.switched_on("KVRELAY_CPU_ATTENTION")
 
 
 def usable(dtype: torch.dtype, head_dim: int, device: torch.device) -> bool:

@@ -9,23 +9,24 @@ each row's input value broadcast), so a block streams from memory front to back 
 the next rows read it from L2. Measured the way ``engine.matmul`` times forms (12 layers'
 weights from evicted caches), 16 rows: 960 x 576 1.45 ms against oneDNN's 2.12, 576 x 576
 0.92 against 1.55, 3072 x 576 5.09 against 6.03, 576 x 1536 2.44 against 3.82; at 4 and 8
-rows 1.2-2.5x faster. Over the plain column-major weight (rows of a block 192 bytes apart
-in memory) the same kernel was no faster than oneDNN on the large shapes.
+rows 1.4-2.5x faster. Over the plain column-major weight (a block's 48 values for one input
+lie a whole output row apart from the next input's: 12 KB for 3072 outputs) the same kernel
+was no faster than oneDNN on the large shapes.
 
 Plain C with GCC vector types and OpenMP, built on first use by ``engine.ckernels``; where
-no compiler is available, or with ``KVRELAY_CPU_GEMM=0`` in the environment, the form is not
-offered (``engine.matmul``). The packed copy costs the weight's size again (SmolLM2-135M:
-about 0.5 GB more per worker, as prefill passes keep oneDNN's packed copy and single rows
-the plain weight); ``matmul.prepare`` makes it only for weights the measured plan
-multiplies this way, and the switch trades that memory for the speed. Float32 CPU weights whose output count is a multiple of 48 only
-(SmolLM2-135M: 960, 576, 3072, 1536 and the 49152-row head). Sums run in another order
-than BLAS's, so results agree with ``F.linear`` to float rounding, as the other forms do.
+no compiler is available, or with ``KVRELAY_CPU_GEMM=0`` in the environment, the form is
+not offered (``engine.matmul``). The packed copy costs the weight's size again
+(SmolLM2-135M: about 0.5 GB more per worker, as prefill passes keep oneDNN's packed copy
+and single rows the plain weight); ``matmul.prepare`` makes it only for weights the
+measured plan multiplies this way, and the switch trades that memory for the speed.
+Float32 CPU weights whose output count is a multiple of 48 only (SmolLM2-135M: 960, 576 and
+3072 outputs, and the 49152-row head). Sums run in another order than BLAS's, so results
+agree with ``F.linear`` to float rounding, as the other forms do.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 
 import torch
@@ -101,7 +102,7 @@ def kernel(cache_dir: Path | None = None) -> object | None:
 
 def enabled() -> bool:
     """Not switched off by ``KVRELAY_CPU_GEMM=0`` (which saves the packed copies' memory)."""
-    return os.environ.get("KVRELAY_CPU_GEMM", "1").strip().lower() not in ("0", "false", "no", "off")
+    return ckernels.switched_on("KVRELAY_CPU_GEMM")
 
 
 def usable() -> bool:
@@ -144,14 +145,7 @@ def rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
         raise RuntimeError("the few-row kernel takes a float32 CPU weight with a multiple of "
                            f"{BLOCK} outputs")
     out_features, in_features = weight.shape
-    x = x.contiguous()
-    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != in_features:
-        raise RuntimeError(f"rows are {tuple(x.shape)} {x.dtype}, weight takes {in_features} floats")
-    b = None
-    if bias is not None:
-        b = bias.contiguous()
-        if b.dtype != torch.float32 or b.numel() != out_features:
-            raise RuntimeError("bias must be float32 with one value per output")
+    x, b = ckernels.float32_operands(x, out_features, in_features, bias)
     y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
     fn(x.data_ptr(), x.shape[0], packed(weight).data_ptr(),  # type: ignore[operator]
        None if b is None else b.data_ptr(), y.data_ptr(), in_features, out_features,

@@ -116,14 +116,7 @@ def gemv(row: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         raise RuntimeError("the single-row kernel takes one float32 row and a column-major "
                            "float32 CPU weight")
     out_features, in_features = weight.shape
-    x = row.contiguous()
-    if x.dtype != torch.float32 or x.shape[1] != in_features:
-        raise RuntimeError(f"row is {tuple(x.shape)} {x.dtype}, weight takes {in_features} floats")
-    b = None
-    if bias is not None:
-        b = bias.contiguous()
-        if b.dtype != torch.float32 or b.numel() != out_features:
-            raise RuntimeError("bias must be float32 with one value per output")
+    x, b = ckernels.float32_operands(row, out_features, in_features, bias)
     y = torch.empty(1, out_features, dtype=torch.float32)
     status = fn(x.data_ptr(), weight.data_ptr(), None if b is None else b.data_ptr(),  # type: ignore[operator]
                 y.data_ptr(), in_features, out_features, torch.get_num_threads())

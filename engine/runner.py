@@ -280,8 +280,7 @@ class ModelRunner:
                                          self.scale, shared)
             if (len(seqs) == 1 and lens[0] >= SPLIT_PREFIX_TOKENS and starts[0] > 0
                     and self.device.type == "cpu"):
-                table = seqs[0].block_table
-                held = table[:-(-starts[0] // self.block_size)]
+                held = seqs[0].block_table[:-(-starts[0] // self.block_size)]
                 prefix = (torch.tensor(held, device=self.device), starts[0])
                 return AttentionMetadata(slot_blocks, slot_offsets, token_index, None, None,
                                          self.scale, prefix=prefix)
